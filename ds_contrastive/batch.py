@@ -1,0 +1,113 @@
+"""Validation, hashing and tokenization of one rank's shard of raw text.
+
+Each rank tokenizes its own strings with the model's own tokenizer: token ids
+are never decoded and re-encoded (that is lossy for casing, accents and
+unknown characters).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+class BatchError(ValueError):
+    """A batch that cannot be trained on; raised on every rank alike."""
+
+
+@dataclass
+class Shard:
+    """One rank's validated shard: the column names and their texts.
+
+    ``columns[0]`` is the anchor column, ``columns[1]`` the positive column,
+    the rest are hard-negative columns, in the order the batch gave them.
+    """
+
+    columns: list[str]
+    texts: list[list[str]]
+
+    @property
+    def rows(self) -> int:
+        return len(self.texts[0])
+
+    def flat(self) -> list[str]:
+        """All texts column after column: sequence ``c * rows + i`` is row i of column c."""
+        return [t for column in self.texts for t in column]
+
+
+def validate_shard(batch: object, anchor: str, positive: str) -> Shard:
+    """Check one rank's batch and order its columns; raise BatchError naming the problem."""
+    if not isinstance(batch, Mapping):
+        raise BatchError(f"a batch must be a mapping of column name to list of strings, got {type(batch).__name__}")
+    for name in (anchor, positive):
+        if name not in batch:
+            raise BatchError(f"batch has no {name!r} column (columns: {sorted(map(str, batch))})")
+    columns = [anchor, positive] + [c for c in batch if c not in (anchor, positive)]
+    texts: list[list[str]] = []
+    for name in columns:
+        values = batch[name]
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise BatchError(f"column {name!r} must be a list of strings, got {type(values).__name__}")
+        for i, value in enumerate(values):
+            if not isinstance(value, str):
+                raise BatchError(f"column {name!r} row {i}: expected a string, got {type(value).__name__}")
+            if not value.strip():
+                raise BatchError(f"column {name!r} row {i}: empty string")
+        texts.append(list(values))
+    lengths = {name: len(t) for name, t in zip(columns, texts)}
+    if len(set(lengths.values())) > 1:
+        raise BatchError(f"columns have different lengths: {lengths}")
+    if lengths[anchor] == 0:
+        raise BatchError("empty batch: 0 rows")
+    return Shard(columns, texts)
+
+
+def text_hashes(texts: Sequence[str]) -> torch.Tensor:
+    """64-bit content hashes, so ranks can find identical texts without sending strings."""
+    values = [
+        int.from_bytes(hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+        for t in texts
+    ]
+    return torch.tensor(values, dtype=torch.int64)
+
+
+@dataclass
+class Tokenized:
+    """Unpadded token ids of a list of texts, plus what padding needs."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    pad_id: int
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.input_ids]
+
+    def features(self, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
+        """Right-padded model inputs for ``indices``, padded to the longest among them."""
+        width = max(len(self.input_ids[i]) for i in indices)
+        ids = torch.full((len(indices), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(indices), width), dtype=torch.long)
+        types = torch.zeros((len(indices), width), dtype=torch.long) if self.token_type_ids is not None else None
+        for row, i in enumerate(indices):
+            n = len(self.input_ids[i])
+            ids[row, :n] = torch.tensor(self.input_ids[i])
+            mask[row, :n] = 1
+            if types is not None:
+                types[row, :n] = torch.tensor(self.token_type_ids[i])
+        out = {"input_ids": ids, "attention_mask": mask}
+        if types is not None:
+            out["token_type_ids"] = types
+        return {k: v.to(device, non_blocking=True) for k, v in out.items()}
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int, lowercase: bool = False) -> Tokenized:
+    """Tokenize raw strings with truncation and no padding (padding is per chunk)."""
+    if lowercase:
+        texts = [t.lower() for t in texts]
+    enc = tokenizer(texts, truncation=True, max_length=max_length, padding=False)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return Tokenized(enc["input_ids"], enc.get("token_type_ids"), pad_id)

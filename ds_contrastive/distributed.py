@@ -1,0 +1,102 @@
+"""The few collectives of the step, written so that they read like the math.
+
+Shards may differ in size between ranks: rows are padded to the largest shard
+for the collective and the true counts travel alongside.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) when no process group exists."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def free_port() -> int:
+    """A TCP port on localhost that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group() -> None:
+    """Initialise DeepSpeed's process group, also for a plain single-process run.
+
+    Under a launcher (deepspeed, torchrun, accelerate, srun) the environment
+    names the group. Run as plain ``python``, we set up a one-rank group on a
+    free local port so that the same engine code runs unchanged.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+
+
+def all_gather_objects(obj: object) -> list[object]:
+    """Every rank's ``obj``, in rank order (small Python objects only)."""
+    _, size = world()
+    if size == 1:
+        return [obj]
+    out: list[object] = [None] * size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_rows(local: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Concatenate every rank's rows in rank order; ranks may hold different counts."""
+    rank, size = world()
+    if size == 1:
+        return local
+    width = max(counts)
+    padded = local.new_zeros((width, *local.shape[1:]))
+    padded[: counts[rank]] = local
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:n] for p, n in zip(parts, counts)])
+
+
+def sum_to_owners(global_rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Sum each rank's contribution to every global row; return this rank's rows.
+
+    This is the adjoint of :func:`gather_rows`: rank r receives
+    sum over ranks s of ``global_rows_s[rows of r]``.
+    """
+    rank, size = world()
+    if size == 1:
+        return global_rows
+    offsets = [sum(counts[:r]) for r in range(size)]
+    width = max(counts)
+    padded = global_rows.new_zeros((size, width, *global_rows.shape[1:]))
+    for r in range(size):
+        padded[r, : counts[r]] = global_rows[offsets[r] : offsets[r] + counts[r]]
+    if dist.get_backend() == "nccl":
+        mine = torch.empty_like(padded[0])
+        dist.reduce_scatter_tensor(mine, padded)
+    else:  # gloo has no reduce-scatter: reduce everything, keep our block
+        dist.all_reduce(padded)
+        mine = padded[rank]
+    return mine[: counts[rank]]
+
+
+def sum_scalars(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few floats over ranks (one collective)."""
+    _, size = world()
+    if size == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()

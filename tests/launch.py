@@ -1,0 +1,46 @@
+"""Start real multi-process jobs for the tests: the deepspeed launcher with a free port and a time limit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from ds_contrastive.distributed import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        WANDB_MODE=env.get("WANDB_MODE", "offline"),
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")]),
+    )
+    return env
+
+
+def run_deepspeed(script: str | Path, nprocs: int, args: list[str], timeout: float, env: dict | None = None,
+                  cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``script`` on ``nprocs`` CPU ranks under the deepspeed launcher; fail loudly with its output."""
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs),
+           "--master_port", str(free_port()), str(script), *args]
+    proc = subprocess.Popen(cmd, env=env or test_env(), cwd=cwd or ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank it started
+        out, _ = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd)} ran past {timeout}s:\n{out[-8000:]}")
+    proc = subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr)[-8000:]
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}")
+    return proc

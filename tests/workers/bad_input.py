@@ -1,0 +1,65 @@
+"""Worker for tests/test_bad_input.py: bad batches on one rank raise a clear error on every rank."""
+
+import argparse
+import json
+
+import ds_contrastive as dc
+from ds_contrastive.distributed import all_gather_objects, init_process_group, world
+from helpers import corpus, load_model
+
+CFG = {"zero_optimization": {"stage": 2}, "gradient_clipping": 0.0}
+
+
+def bad_shards(good: dict) -> dict[str, dict]:
+    """Each case spoils rank 1's shard only; rank 0 keeps a good one."""
+    n = len(good["anchor"])
+    return {
+        "empty_batch": {k: [] for k in good},
+        "missing_column": {k: v for k, v in good.items() if k != "negative_0"},
+        "different_lengths": {**good, "positive": good["positive"][:-1]},
+        "empty_string": {**good, "anchor": good["anchor"][:-1] + [""]},
+        "non_string": {**good, "positive": [None] + good["positive"][1:]},
+        "not_a_mapping": [good["anchor"]] * n,
+        "string_column": {**good, "anchor": "a single string"},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--local_rank", type=int, default=0)
+    args = parser.parse_args()
+    init_process_group()
+    rank, size = world()
+    result = {}
+    for name, cfg in {
+        "gas_4": {**CFG, "gradient_accumulation_steps": 4},
+        "fp16": {**CFG, "fp16": {"enabled": True}},
+        "zero_4": {**CFG, "zero_optimization": {"stage": 4}},
+        "micro_batch_8": {**CFG, "train_micro_batch_size_per_gpu": 8},
+    }.items():
+        try:
+            dc.ContrastiveEngine(load_model(args.model), ds_config=cfg)
+            result[name] = None
+        except dc.ConfigError as e:
+            result[name] = str(e)
+
+    engine = dc.ContrastiveEngine(load_model(args.model), ds_config=CFG, chunk_tokens=200)
+    good = corpus(6, 1, seed=rank)
+    for name, bad in bad_shards(good).items():
+        try:
+            engine.train_step(bad if rank == 1 else good)
+            result[name] = None
+        except dc.BatchError as e:
+            result[name] = str(e)
+    result["good_after_errors"] = engine.train_step(good)["loss"]
+    result["steps"] = engine.global_step
+    gathered = all_gather_objects(result)
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump(gathered, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Worker for tests/test_exactness.py: engine steps vs the single-process full-batch reference.
+
+Every rank runs the engine on its (unequal) shard for each ZeRO stage, chunk
+budget and loss setting; rank 0 also runs the plain-PyTorch reference on the
+whole global batch and writes the relative parameter errors to --out.
+"""
+
+import argparse
+import contextlib
+import json
+import sys
+
+import deepspeed
+import torch
+
+import ds_contrastive as dc
+from ds_contrastive.distributed import all_gather_objects, init_process_group, world
+from helpers import corpus, load_model
+from reference import param_groups, reference_embeddings, reference_loss
+
+ROWS, NEGATIVES, SEED, LR, MAX_LEN = 11, 1, 7, 1e-3, 64
+BUDGETS = {"one_chunk": (None, 10**6), "several": (120, None), "one_per_chunk": (None, 1)}
+LOSSES = {
+    "qd_fixed": dict(temperature=0.05),
+    "all_dirs_learnable": dict(
+        temperature=0.05, learnable_temperature=True,
+        directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),
+    ),
+}
+
+
+def global_batch(step: int) -> dict[str, list[str]]:
+    batch = corpus(ROWS, NEGATIVES, seed=100 + step)
+    batch["positive"][7] = batch["positive"][2]  # a duplicate positive, on another rank when W > 1
+    batch["anchor"][9] = batch["anchor"][1]
+    return batch
+
+
+def shard_of(batch: dict, rank: int, size: int) -> dict:
+    sizes = [ROWS // size + (1 if r < ROWS % size else 0) for r in range(size)]
+    start = sum(sizes[:rank])
+    return {k: v[start : start + sizes[rank]] for k, v in batch.items()}
+
+
+def flat_params(module, stage: int) -> dict[str, torch.Tensor]:
+    params = list(module.named_parameters())
+    ctx = deepspeed.zero.GatheredParameters([p for _, p in params]) if stage == 3 else contextlib.nullcontext()
+    with ctx:
+        return {n.removeprefix("model."): p.detach().float().clone() for n, p in params}
+
+
+def rel(a: dict, b: dict, base: dict | None = None) -> float:
+    num = sum(((a[k] - b[k]) ** 2).sum() for k in b) ** 0.5
+    den = sum(((b[k] - (base[k] if base else 0)) ** 2).sum() for k in b) ** 0.5
+    return float(num / den)
+
+
+def run(model_dir: str, stage: int, budget: str, loss_name: str, steps: int) -> dict:
+    rank, size = world()
+    tokens, rows = BUDGETS[budget]
+    loss = dc.InfoNCE(**LOSSES[loss_name])
+    cfg = {"zero_optimization": {"stage": stage, "reduce_bucket_size": 10**8}, "gradient_clipping": 0.0}
+    engine = dc.ContrastiveEngine(load_model(model_dir), loss, ds_config=cfg, chunk_tokens=tokens,
+                                  chunk_rows=rows, lr=LR, weight_decay=0.01, seed=SEED, max_length=MAX_LEN)
+    forwards = []
+    hook = engine.module.model.register_forward_hook(lambda *a: forwards.append(1))
+    ref_model = load_model(model_dir)
+    ref_model.train()
+    ref_params = [(f"model.{n}", p) for n, p in ref_model.named_parameters()]
+    if loss.learnable_temperature:
+        log_scale = torch.nn.Parameter(torch.tensor([loss.initial_log_scale()]))
+        ref_params.append(("log_scale", log_scale))
+    opt = torch.optim.AdamW(param_groups(ref_params, 0.01), lr=LR, weight_decay=0.01)
+    initial = {n.removeprefix("model."): p.detach().clone() for n, p in ref_params}
+    results = {}
+    for step in range(steps):
+        batch = global_batch(step)
+        forwards.clear()
+        engine.train_step(shard_of(batch, rank, size))
+        plans = all_gather_objects([(list(c.indices), c.dummy) for c in engine.last_plan.chunks])
+        counts = all_gather_objects(len(forwards))
+        got = flat_params(engine.module, stage)
+        if rank != 0:
+            continue
+        shards = [list(shard_of(batch, r, size).values()) for r in range(size)]
+        emb = reference_embeddings(ref_model, ref_model.tokenizer, shards, plans, SEED, step, MAX_LEN)
+        scale = (log_scale.exp().clamp(max=loss.max_scale)[0] if loss.learnable_temperature
+                 else torch.tensor(1 / loss.temperature))
+        opt.zero_grad()
+        reference_loss(emb, list(batch.values()), scale, loss.directions, loss.mask_duplicates).backward()
+        opt.step()
+        want = {n.removeprefix("model."): p.detach().clone() for n, p in ref_params}
+        results[f"step{step + 1}"] = {
+            "param_rel": rel(got, want),
+            "update_rel": rel(got, want, initial),
+            "forward_calls_per_rank": counts,
+            "dummy_chunks": sum(d for plan in plans for _, d in plan),
+        }
+    hook.remove()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--stages", default="0,1,2,3")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--local_rank", type=int, default=0)
+    args = parser.parse_args()
+    init_process_group()
+    report = {}
+    for stage in map(int, args.stages.split(",")):
+        for budget in BUDGETS:
+            for loss_name in LOSSES:
+                key = f"zero{stage}/{budget}/{loss_name}"
+                report[key] = run(args.model, stage, budget, loss_name, args.steps)
+                if world()[0] == 0:
+                    print(key, json.dumps(report[key]), file=sys.stderr, flush=True)
+    if world()[0] == 0:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
