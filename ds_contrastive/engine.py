@@ -271,6 +271,7 @@ class ContrastiveEngine:
         import deepspeed
 
         path = Path(path)
+        info = {"temperature": self.temperature(), "global_step": self.global_step}  # collective under ZeRO-3
         gathered = (
             deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
             if self.zero_stage == 3
@@ -279,7 +280,6 @@ class ContrastiveEngine:
         with gathered:
             if self.rank == 0:
                 self.module.model.save(str(path))
-                info = {"temperature": self.temperature(), "global_step": self.global_step}
                 (path / "ds_contrastive.json").write_text(json.dumps(info, indent=2) + "\n")
         if dist.is_initialized():
             dist.barrier()

@@ -1,0 +1,149 @@
+"""The training configuration of ``launch/train.py``: a YAML file plus command-line overrides.
+
+Every key is a field of :class:`TrainConfig`; each can be overridden on the
+command line as ``--key value`` (lists comma-separated). Unknown keys and
+values of the wrong type are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .ds_config import ConfigError
+
+BUILTIN_MODEL = "builtin:all-MiniLM-L6-v2"
+BUILTIN_DATA = "builtin:stdlib"
+
+
+@dataclass
+class TrainConfig:
+    """What to train, on what, and how. Defaults give the built-in quickstart."""
+
+    model: str = BUILTIN_MODEL  # a SentenceTransformer directory, or the packaged all-MiniLM-L6-v2
+    train_data: str = BUILTIN_DATA  # JSONL/CSV/Parquet/save_to_disk path, or stdlib docstring pairs
+    eval_data: str | None = BUILTIN_DATA  # held-out (anchor, positive) pairs for retrieval metrics; null: none
+    eval_pairs: int = 300  # most held-out pairs evaluated
+    anchor_column: str = "anchor"
+    positive_column: str = "positive"
+    negative_columns: list[str] = field(default_factory=list)
+    global_batch_size: int = 64  # examples per optimizer step, over all ranks
+    epochs: int = 1
+    max_steps: int | None = None  # stop after this many steps (default: epochs x steps per epoch)
+    max_train_examples: int | None = None  # use only the first N training examples
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1  # linear warm-up over this fraction of the steps, then linear decay to 0
+    temperature: float = 0.05
+    learnable_temperature: bool = False
+    min_temperature: float = 0.01
+    directions: list[str] = field(default_factory=lambda: ["query_to_doc"])
+    partition: str = "joint"
+    similarity: str = "cosine"
+    mask_duplicates: bool = True
+    chunk_tokens: int | None = 16384  # padded tokens per encoder forward call
+    chunk_rows: int | None = None  # most sequences per encoder forward call
+    max_length: int | None = None  # truncation (default: the model's max_seq_length)
+    precision: str | None = None  # 'bf16' or 'fp32' overrides the DeepSpeed config's bf16 section
+    seed: int = 42
+    output_dir: str = "outputs/quickstart"
+    wandb: bool = False
+    wandb_project: str = "ds-contrastive"
+    wandb_run_name: str | None = None
+    wandb_tags: list[str] = field(default_factory=list)
+    progress_bar: bool = True
+
+    def check(self) -> None:
+        """Reject values that cannot work, naming the key."""
+        positive = ("global_batch_size", "epochs", "eval_pairs")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "max_train_examples", "chunk_tokens", "chunk_rows", "max_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1 or null, got {value}")
+        if self.chunk_tokens is None and self.chunk_rows is None:
+            raise ConfigError("set chunk_tokens, chunk_rows, or both")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.precision not in (None, "bf16", "fp32"):
+            raise ConfigError(f"precision must be 'bf16', 'fp32' or null, got {self.precision!r}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+
+
+def _field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Convert ``value`` (from YAML or the command line) to the field's type, or raise ConfigError."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            return None
+        inner = next(a for a in args if a is not type(None))
+        return _coerce(key, value, inner)
+    if typing.get_origin(hint) is list:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise ConfigError(f"{key} must be a list, got {type(value).__name__}")
+        return [_coerce(key, v.strip() if isinstance(v, str) else v, args[0]) for v in items if v != ""]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    try:
+        if hint is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
+            raise ValueError
+        return hint(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be {hint.__name__}, got {value!r}") from None
+
+
+def load_train_config(path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
+    """The YAML file's values (if any), then the command-line ``overrides`` on top."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"training config {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"training config {path} must be a mapping of keys to values")
+        values.update(loaded)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    hints = _field_types()
+    for key in values:
+        if key not in hints:
+            close = difflib.get_close_matches(key, hints, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown training config key {key!r}{hint}")
+    config = TrainConfig(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+    config.check()
+    return config
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    """``--config``, ``--deepspeed_config`` and one ``--KEY`` per TrainConfig field."""
+    parser = argparse.ArgumentParser(description="Contrastive training of a text embedder on DeepSpeed.")
+    parser.add_argument("--config", help="training config (YAML); command-line keys override it")
+    parser.add_argument("--deepspeed_config", default="configs/deepspeed/zero2.json", help="DeepSpeed JSON config")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        parser.add_argument(f"--{f.name}", default=None, metavar="VALUE",
+                            help=f"default: {getattr(defaults, f.name)!r}")
+    return parser
