@@ -13,7 +13,7 @@ from ds_contrastive.distributed import free_port
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_env() -> dict[str, str]:
+def job_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         OMP_NUM_THREADS="1",
@@ -31,7 +31,7 @@ def run_deepspeed(script: str | Path, nprocs: int, args: list[str], timeout: flo
     """Run ``script`` on ``nprocs`` CPU ranks under the deepspeed launcher; fail loudly with its output."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs),
            "--master_port", str(free_port()), str(script), *args]
-    proc = subprocess.Popen(cmd, env=env or test_env(), cwd=cwd or ROOT, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, env=env or job_env(), cwd=cwd or ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)

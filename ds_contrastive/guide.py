@@ -1,0 +1,62 @@
+"""The frozen guide model of guided (GIST-style) losses.
+
+The guide is inference-only: it is never handed to ``deepspeed.initialize``
+(so it is neither wrapped nor partitioned by ZeRO-3), its parameters never
+require grad, and it runs in bf16 on a GPU and fp32 on a CPU. It tokenizes the
+*raw strings* with its own tokenizer — never ids decoded from the student's
+tokenizer, which loses casing, accents and characters outside the student's
+vocabulary — and embeds them in length-sorted chunks under its own token
+budget.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .batch import tokenize
+from .chunking import plan_chunks
+
+
+class Guide:
+    """A frozen SentenceTransformer that embeds raw text in pass 1 only.
+
+    Args:
+        model: a ``SentenceTransformer`` or a path to one.
+        chunk_tokens: padded-token budget of one guide forward call.
+        max_length: truncation (default: the guide's ``max_seq_length``).
+    """
+
+    def __init__(self, model: object, chunk_tokens: int = 16384, max_length: int | None = None) -> None:
+        if isinstance(model, (str, Path)):
+            from sentence_transformers import SentenceTransformer
+
+            model = SentenceTransformer(str(model), device="cpu", trust_remote_code=False)
+        self.model = model
+        self.chunk_tokens = chunk_tokens
+        self.max_length = max_length or getattr(model, "max_seq_length", None) or 512
+        self.lowercase = bool(getattr(model[0], "do_lower_case", False))
+        self.device: torch.device | None = None
+        self.model.eval()
+        self.model.requires_grad_(False)
+
+    def to(self, device: torch.device) -> Guide:
+        """Move to the training device: bf16 on an accelerator, fp32 on the CPU."""
+        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+        self.model.to(device=device, dtype=dtype)
+        self.device = device
+        return self
+
+    @torch.no_grad()
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """fp32 embeddings [len(texts), dim] of the raw strings, from the guide's own tokenization."""
+        device = self.device or torch.device("cpu")
+        tokens = tokenize(self.model.tokenizer, texts, self.max_length, self.lowercase)
+        out: torch.Tensor | None = None
+        for chunk in plan_chunks(tokens.lengths, self.chunk_tokens, None).chunks:
+            emb = self.model(tokens.features(chunk.indices, device))["sentence_embedding"].float()
+            if out is None:
+                out = emb.new_empty((len(texts), emb.shape[-1]))
+            out[list(chunk.indices)] = emb
+        return out

@@ -1,0 +1,63 @@
+"""Training config: YAML plus command-line overrides, and clear errors for bad keys and values."""
+
+import subprocess
+import sys
+
+import pytest
+
+from ds_contrastive import ConfigError
+from ds_contrastive.train_config import TrainConfig, argument_parser, load_train_config
+from launch import ROOT, job_env
+
+
+def write(tmp_path, text):
+    path = tmp_path / "train.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = write(tmp_path, "global_batch_size: 32\nlr: 1.0e-4\ndirections: [query_to_doc, doc_to_query]\n")
+    cfg = load_train_config(path, {"lr": "3e-4", "negative_columns": "neg_a,neg_b", "wandb": "true",
+                                   "max_steps": "null"})
+    assert cfg.global_batch_size == 32 and cfg.lr == 3e-4 and cfg.wandb is True and cfg.max_steps is None
+    assert cfg.directions == ["query_to_doc", "doc_to_query"]
+    assert cfg.negative_columns == ["neg_a", "neg_b"]
+
+
+def test_defaults_are_the_quickstart():
+    assert load_train_config(None, {}) == TrainConfig()
+
+
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ("global_batch_sise: 8\n", {}, "unknown training config key 'global_batch_sise' (did you mean 'global_batch_size'?)"),
+        ("", {"global_batch_size": "many"}, "global_batch_size must be int, got 'many'"),
+        ("global_batch_size: 2.5\n", {}, "global_batch_size must be int"),
+        ("wandb: maybe\n", {}, "wandb must be true or false"),
+        ("global_batch_size: 0\n", {}, "global_batch_size must be >= 1"),
+        ("warmup_ratio: 1.5\n", {}, "warmup_ratio must be in [0, 1)"),
+        ("precision: fp16\n", {}, "precision must be 'bf16', 'fp32' or null"),
+        ("chunk_tokens: null\n", {}, "set chunk_tokens, chunk_rows, or both"),
+        ("- a\n- b\n", {}, "must be a mapping"),
+    ],
+)
+def test_bad_config_names_the_problem(tmp_path, text, overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_train_config(write(tmp_path, text), overrides)
+    assert message in str(e.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_train_config(tmp_path / "nope.yaml", {})
+
+
+def test_help_lists_every_key_with_its_default():
+    out = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--help"], capture_output=True,
+                         text=True, env=job_env(), timeout=300, check=True).stdout
+    for name, value in vars(TrainConfig()).items():
+        assert f"--{name}" in out
+    assert "--deepspeed_config" in out and "default: 64" in out
+    assert set(vars(argument_parser().parse_args([]))) >= set(vars(TrainConfig()))
