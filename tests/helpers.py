@@ -75,3 +75,27 @@ def corpus(rows: int, negatives: int = 1, seed: int = 0) -> dict[str, list[str]]
     for k in range(negatives):
         batch[f"negative_{k}"] = [sentence(i, f"neg{k}") for i in range(rows)]
     return batch
+
+
+def worker_main(build, extra_args: dict[str, dict] | None = None) -> None:
+    """The main of a multi-rank test worker: parse --model/--out, join the group, write rank 0's report.
+
+    ``build(args)`` runs on every rank and returns the report (used from rank 0).
+    """
+    import argparse
+    import json
+
+    from ds_contrastive.distributed import init_process_group, world
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--local_rank", type=int, default=0)
+    for name, kwargs in (extra_args or {}).items():
+        parser.add_argument(name, **kwargs)
+    args = parser.parse_args()
+    init_process_group()
+    report = build(args)
+    if world()[0] == 0:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)

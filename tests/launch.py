@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -44,3 +45,12 @@ def run_deepspeed(script: str | Path, nprocs: int, args: list[str], timeout: flo
         tail = (proc.stdout + proc.stderr)[-8000:]
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}")
     return proc
+
+
+def run_worker(name: str, nprocs: int, model_dir: Path, out_dir: Path, extra: list[str] = (),
+               timeout: float = 600) -> object:
+    """Run ``tests/workers/NAME.py`` on ``nprocs`` ranks and return the JSON report rank 0 wrote."""
+    out = Path(out_dir) / f"{name}.json"
+    run_deepspeed(ROOT / f"tests/workers/{name}.py", nprocs,
+                  ["--model", str(model_dir), "--out", str(out), *extra], timeout=timeout)
+    return json.loads(out.read_text())

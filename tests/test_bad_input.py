@@ -1,11 +1,10 @@
 """Bad input gives a clear error naming the problem, on every rank, and the engine stays usable."""
 
-import json
 import math
 
 import pytest
 
-from launch import ROOT, run_deepspeed
+from launch import run_worker
 
 BATCH_CASES = {
     "empty_batch": "rank 1: empty batch",
@@ -26,10 +25,7 @@ CONFIG_CASES = {
 
 @pytest.fixture(scope="module")
 def per_rank(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bad") / "report.json"
-    run_deepspeed(ROOT / "tests/workers/bad_input.py", 2, ["--model", str(tiny_model_dir), "--out", str(out)],
-                  timeout=600)
-    return json.loads(out.read_text())
+    return run_worker("bad_input", 2, tiny_model_dir, tmp_path_factory.mktemp("bad"))
 
 
 @pytest.mark.parametrize("case", sorted(BATCH_CASES))

@@ -1,18 +1,14 @@
 """bf16 (DeepSpeed's bf16 section) on 2 ranks, ZeRO 0-3: the step agrees with fp32 within bf16 noise."""
 
-import json
 
 import pytest
 
-from launch import ROOT, run_deepspeed
+from launch import run_worker
 
 
 @pytest.fixture(scope="module")
 def report(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bf16") / "report.json"
-    run_deepspeed(ROOT / "tests/workers/bf16.py", 2, ["--model", str(tiny_model_dir), "--out", str(out)],
-                  timeout=600)
-    return json.loads(out.read_text())
+    return run_worker("bf16", 2, tiny_model_dir, tmp_path_factory.mktemp("bf16"))
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])

@@ -8,21 +8,16 @@ duplicate texts in the batch. Each launch runs every combination on real
 processes under the deepspeed launcher.
 """
 
-import json
-
 import pytest
 
-from launch import ROOT, run_deepspeed
+from launch import run_worker
 
 TOLERANCE = 1e-5
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_parameters_equal_full_batch_reference(world_size, tiny_model_dir, tmp_path):
-    out = tmp_path / "report.json"
-    run_deepspeed(ROOT / "tests/workers/exactness.py", world_size,
-                  ["--model", str(tiny_model_dir), "--out", str(out), "--steps", "3"], timeout=900)
-    report = json.loads(out.read_text())
+    report = run_worker("exactness", world_size, tiny_model_dir, tmp_path, ["--steps", "3"], timeout=900)
     assert len(report) == 4 * 3 * 2
     for key, steps in report.items():
         for step in ("step1", "step3"):

@@ -5,19 +5,15 @@ Every reducing collective DeepSpeed issues is counted and attributed to the
 backward call (or optimizer step) it ran in.
 """
 
-import json
 
 import pytest
 
-from launch import ROOT, run_deepspeed
+from launch import run_worker
 
 
 @pytest.fixture(scope="module")
 def report(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("reductions") / "report.json"
-    run_deepspeed(ROOT / "tests/workers/reductions.py", 2, ["--model", str(tiny_model_dir), "--out", str(out)],
-                  timeout=600)
-    return json.loads(out.read_text())
+    return run_worker("reductions", 2, tiny_model_dir, tmp_path_factory.mktemp("reductions"))
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])

@@ -1,11 +1,8 @@
 """Worker for tests/test_bad_input.py: bad batches on one rank raise a clear error on every rank."""
 
-import argparse
-import json
-
 import ds_contrastive as dc
-from ds_contrastive.distributed import all_gather_objects, init_process_group, world
-from helpers import corpus, load_model
+from ds_contrastive.distributed import all_gather_objects, world
+from helpers import corpus, load_model, worker_main
 
 CFG = {"zero_optimization": {"stage": 2}, "gradient_clipping": 0.0}
 
@@ -24,13 +21,7 @@ def bad_shards(good: dict) -> dict[str, dict]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--local_rank", type=int, default=0)
-    args = parser.parse_args()
-    init_process_group()
+def build(args) -> list[dict]:
     rank, size = world()
     result = {}
     for name, cfg in {
@@ -55,11 +46,8 @@ def main() -> None:
             result[name] = str(e)
     result["good_after_errors"] = engine.train_step(good)["loss"]
     result["steps"] = engine.global_step
-    gathered = all_gather_objects(result)
-    if rank == 0:
-        with open(args.out, "w") as f:
-            json.dump(gathered, f, indent=1)
+    return all_gather_objects(result)
 
 
 if __name__ == "__main__":
-    main()
+    worker_main(build)

@@ -4,15 +4,12 @@ bf16 cannot match fp32 to 1e-5; the check is that the loss agrees within bf16
 noise and that the update points the same way as the exact fp32 update.
 """
 
-import argparse
-import json
-
 import torch
 
 import ds_contrastive as dc
-from ds_contrastive.distributed import all_gather_objects, init_process_group, world
+from ds_contrastive.distributed import all_gather_objects, world
 from exactness import LR, MAX_LEN, SEED, flat_params, global_batch, shard_of
-from helpers import load_model
+from helpers import load_model, worker_main
 from reference import param_groups, reference_embeddings, reference_loss
 
 
@@ -49,18 +46,5 @@ def run(model_dir: str, stage: int) -> dict | None:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--local_rank", type=int, default=0)
-    args = parser.parse_args()
-    init_process_group()
-    report = {f"zero{s}": run(args.model, s) for s in (0, 1, 2, 3)}
-    if world()[0] == 0:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
-
-
 if __name__ == "__main__":
-    main()
+    worker_main(lambda args: {f"zero{s}": run(args.model, s) for s in (0, 1, 2, 3)})

@@ -5,7 +5,6 @@ budget and loss setting; rank 0 also runs the plain-PyTorch reference on the
 whole global batch and writes the relative parameter errors to --out.
 """
 
-import argparse
 import contextlib
 import json
 import sys
@@ -14,8 +13,8 @@ import deepspeed
 import torch
 
 import ds_contrastive as dc
-from ds_contrastive.distributed import all_gather_objects, init_process_group, world
-from helpers import corpus, load_model
+from ds_contrastive.distributed import all_gather_objects, world
+from helpers import corpus, load_model, worker_main
 from reference import param_groups, reference_embeddings, reference_loss
 
 ROWS, NEGATIVES, SEED, LR, MAX_LEN = 11, 1, 7, 1e-3, 64
@@ -100,15 +99,7 @@ def run(model_dir: str, stage: int, budget: str, loss_name: str, steps: int) -> 
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--stages", default="0,1,2,3")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--local_rank", type=int, default=0)
-    args = parser.parse_args()
-    init_process_group()
+def build(args) -> dict:
     report = {}
     for stage in map(int, args.stages.split(",")):
         for budget in BUDGETS:
@@ -117,10 +108,8 @@ def main() -> None:
                 report[key] = run(args.model, stage, budget, loss_name, args.steps)
                 if world()[0] == 0:
                     print(key, json.dumps(report[key]), file=sys.stderr, flush=True)
-    if world()[0] == 0:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    return report
 
 
 if __name__ == "__main__":
-    main()
+    worker_main(build, {"--stages": dict(default="0,1,2,3"), "--steps": dict(type=int, default=3)})

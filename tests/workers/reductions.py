@@ -5,14 +5,11 @@ object; we wrap its reducing methods and attribute each call to the pass-2
 backward call (or the optimizer step) it happened in.
 """
 
-import argparse
-import json
-
 import deepspeed.comm.comm as ds_comm
 
 import ds_contrastive as dc
-from ds_contrastive.distributed import all_gather_objects, init_process_group, world
-from helpers import corpus, load_model
+from ds_contrastive.distributed import all_gather_objects, world
+from helpers import corpus, load_model, worker_main
 
 REDUCING = ("all_reduce", "reduce_scatter_tensor", "reduce_scatter", "all_reduce_coalesced", "reduce",
             "inference_all_reduce", "reduce_scatter_fn")
@@ -80,21 +77,6 @@ def measure(model_dir: str, stage: int, chunk_rows: int) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--local_rank", type=int, default=0)
-    args = parser.parse_args()
-    init_process_group()
-    report = {}
-    for stage in (0, 1, 2, 3):
-        for rows in (1000, 3):
-            report[f"zero{stage}/rows{rows}"] = measure(args.model, stage, rows)
-    if world()[0] == 0:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
-
-
 if __name__ == "__main__":
-    main()
+    worker_main(lambda args: {f"zero{stage}/rows{rows}": measure(args.model, stage, rows)
+                              for stage in (0, 1, 2, 3) for rows in (1000, 3)})
