@@ -40,10 +40,16 @@ from .chunking import ChunkPlan, balance_chunk_count, chunk_seed, plan_chunks
 from .distributed import all_gather_objects, gather_rows, init_process_group, sum_scalars, sum_to_owners, world
 from .ds_config import load_ds_config, precision, resolve_ds_config, zero_stage
 from .losses import InfoNCE
+from .matryoshka import Matryoshka
 from .module import EmbeddingModule
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+def by_row(flat: torch.Tensor, rows: int) -> torch.Tensor:
+    """Column-after-column values [C * rows, ...] -> [rows, C, ...] (one row per example)."""
+    return flat.view(-1, rows, *flat.shape[1:]).transpose(0, 1).contiguous()
 
 
 def default_param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -60,7 +66,9 @@ class ContrastiveEngine:
 
     Args:
         model: a ``SentenceTransformer`` (transformer + pooling (+ normalize)).
-        loss: the contrastive loss (:class:`~ds_contrastive.InfoNCE`).
+        loss: the contrastive loss: :class:`~ds_contrastive.InfoNCE`,
+            :class:`~ds_contrastive.GuidedInfoNCE` (its guide runs in pass 1,
+            outside DeepSpeed) or :class:`~ds_contrastive.Matryoshka` of either.
         ds_config: DeepSpeed config path or dict. Its batch-size keys are
             fixed by the engine (see :func:`~ds_contrastive.ds_config.resolve_ds_config`).
         chunk_tokens: padded-token budget of one encoder forward call.
@@ -79,7 +87,7 @@ class ContrastiveEngine:
     def __init__(
         self,
         model: torch.nn.Module,
-        loss: InfoNCE | None = None,
+        loss: InfoNCE | Matryoshka | None = None,
         ds_config: str | Path | dict[str, Any] = "configs/deepspeed/zero2.json",
         chunk_tokens: int | None = 16384,
         chunk_rows: int | None = None,
@@ -130,6 +138,10 @@ class ContrastiveEngine:
         # DeepSpeed's coalesced reduction needs a ZeRO 1/2/3 optimizer; ZeRO 0
         # and the bf16 optimizer wrapper use the accumulation-boundary API.
         self.coalesce = self.zero_stage in (1, 2, 3) and hasattr(self.engine.optimizer, "_coalesce_grad_reduction")
+        # A guided loss's guide stays outside deepspeed.initialize: never wrapped, never partitioned.
+        self.guide = getattr(self.loss, "guide_model", None)
+        if self.guide is not None:
+            self.guide.to(self.device)
         self.global_step = 0
         self.last_plan: ChunkPlan | None = None
 
@@ -149,11 +161,15 @@ class ContrastiveEngine:
 
         local, scale = self._pass1(tokens, plan, shard.rows, len(shard.columns))
         t_pass1 = time.perf_counter()
+        guide = self.guide.embed(shard.flat()) if self.guide is not None else None
+        t_guide = time.perf_counter()
 
         offset = sum(counts[: self.rank])
         embeddings = gather_rows(local, counts)
-        hashes = gather_rows(text_hashes(shard.flat()).view(len(shard.columns), shard.rows).T.contiguous().to(self.device), counts)
-        result = self.loss.compute(embeddings, hashes, offset, shard.rows, scale)
+        hashes = gather_rows(by_row(text_hashes(shard.flat()).to(self.device), shard.rows), counts)
+        if guide is not None:
+            guide = gather_rows(by_row(guide, shard.rows), counts)
+        result = self.loss.compute(embeddings, hashes, offset, shard.rows, scale, guide)
         grad = sum_to_owners(result.grad, counts)
         t_loss = time.perf_counter()
 
@@ -165,25 +181,24 @@ class ContrastiveEngine:
         lengths = tokens.lengths
         padded = sum(len(c.indices) * max(lengths[i] for i in c.indices) for c in plan.chunks if not c.dummy)
         n = sum(counts)
-        loss_sum, correct, masked, real_tokens, pad_tokens = sum_scalars(
-            [result.loss_sum, result.correct, result.masked_duplicates, sum(lengths), padded], self.device
-        )
+        keys = sorted(result.sums)
+        *sums, real_tokens, pad_tokens = sum_scalars([result.sums[k] for k in keys] + [sum(lengths), padded],
+                                                     self.device)
         seconds = end - start
         return {
-            "loss": loss_sum / n,
-            "accuracy": correct / n,
+            **self.loss.summarize(dict(zip(keys, sums)), n),
             "temperature": 1.0 / scale,
             "lr": float(self.engine.get_lr()[0]),
             "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
             "global_batch_size": float(n),
-            "masked_duplicates": masked,
             "samples_per_second": n / seconds,
             "tokens_per_second": real_tokens / seconds,
             "padding_fraction": 1.0 - real_tokens / pad_tokens,
             "chunks": float(len(plan)),
             "time_prepare": t_prepared - start,
             "time_pass1": t_pass1 - t_prepared,
-            "time_gather_loss": t_loss - t_pass1,
+            "time_guide": t_guide - t_pass1,
+            "time_gather_loss": t_loss - t_guide,
             "time_pass2_step": end - t_loss,
             "peak_memory_gb": self._peak_memory_gb(),
         }
@@ -236,7 +251,7 @@ class ContrastiveEngine:
                 if flat is None:
                     flat = emb.new_empty((rows * columns, emb.shape[-1]), dtype=torch.float32)
                 flat[list(chunk.indices)] = emb.float()
-        return flat.view(columns, rows, -1).transpose(0, 1).contiguous(), scale
+        return by_row(flat, rows), scale
 
     def _pass2(self, tokens: Tokenized, plan: ChunkPlan, grad: torch.Tensor, grad_scale: float) -> None:
         """Re-embed each chunk with grad and back-propagate the cached gradient, one reduction in all."""

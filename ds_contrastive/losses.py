@@ -25,15 +25,41 @@ class LossResult:
     """What the loss stage of one rank produces.
 
     ``grad`` has the shape of the global embeddings; ``grad_scale`` is the
-    derivative with respect to the logit scale (1 / temperature); the sums are
-    over this rank's rows only and are reduced over ranks by the engine.
+    derivative with respect to the logit scale (1 / temperature); ``sums``
+    are sums over this rank's rows only (loss, correct top-1, masked
+    candidates, ...), which the engine adds up over ranks and hands to the
+    loss's ``summarize``.
     """
 
     grad: torch.Tensor
     grad_scale: float
-    loss_sum: float
-    correct: int
-    masked_duplicates: int
+    sums: dict[str, float]
+
+
+@dataclass
+class GlobalColumns:
+    """The global batch in the similarity space, split into query and document candidates.
+
+    ``docs`` holds every positive, then every first hard negative, and so on
+    (row i's positive is docs[i]). The ``guide_*`` tensors are the guide
+    model's normalized embeddings in the same layout (guided losses only).
+    """
+
+    queries: torch.Tensor
+    docs: torch.Tensor
+    query_hash: torch.Tensor
+    doc_hash: torch.Tensor
+    guide_queries: torch.Tensor | None = None
+    guide_docs: torch.Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return self.queries.shape[0]
+
+
+def split_columns(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, C, ...] -> (column 0 as [N, ...], columns 1.. stacked column after column as [(C-1)N, ...])."""
+    return x[:, 0], x[:, 1:].transpose(0, 1).reshape(-1, *x.shape[2:])
 
 
 @dataclass
@@ -101,81 +127,90 @@ class InfoNCE:
         return math.log(1.0 / self.temperature)
 
     def compute(
-        self, embeddings: torch.Tensor, hashes: torch.Tensor, first_row: int, rows: int, scale: float
+        self,
+        embeddings: torch.Tensor,
+        hashes: torch.Tensor,
+        first_row: int,
+        rows: int,
+        scale: float,
+        guide: torch.Tensor | None = None,
     ) -> LossResult:
         """Loss rows ``first_row .. first_row + rows`` of the global batch, and their gradients.
 
         ``embeddings`` is [N, C, d]: column 0 anchors, 1 positives, 2.. hard
-        negatives; ``hashes`` is [N, C], the texts' content hashes.
+        negatives; ``hashes`` is [N, C], the texts' content hashes; ``guide``
+        is [N, C, d_guide], the guide model's embeddings (guided losses only).
         """
         n, columns, dim = embeddings.shape
         raw = embeddings.detach().float().requires_grad_()
         space = F.normalize(raw, dim=-1) if self.similarity == "cosine" else raw
         # Leaves in the similarity space, so that each tile's graph stops here.
-        queries = space[:, 0].detach().requires_grad_()
-        docs = space[:, 1:].transpose(0, 1).reshape(-1, dim).detach().requires_grad_()
-        query_hash = hashes[:, 0]
-        doc_hash = hashes[:, 1:].transpose(0, 1).reshape(-1)
+        queries, docs = (t.detach().requires_grad_() for t in split_columns(space))
+        cols = GlobalColumns(queries, docs, *split_columns(hashes))
+        if guide is not None:
+            cols.guide_queries, cols.guide_docs = split_columns(F.normalize(guide.float(), dim=-1))
         s = torch.tensor(scale, dtype=torch.float32, device=raw.device, requires_grad=True)
 
-        candidates = docs.shape[0] * (1 + ("doc_to_doc" in self.directions))
-        candidates += n * (("query_to_query" in self.directions) + ("doc_to_query" in self.directions))
-        tile = self.tile_rows or max(1, self.tile_elements // candidates)
-        loss_sum, correct, masked = 0.0, 0, 0
+        tile = self.tile_rows or max(1, self.tile_elements // self.candidates_per_row(n, docs.shape[0]))
+        sums: dict[str, torch.Tensor] = {}
         for start in range(first_row, first_row + rows, tile):
             idx = torch.arange(start, min(start + tile, first_row + rows), device=raw.device)
-            losses, tile_correct, tile_masked = self._rows(queries, docs, query_hash, doc_hash, idx, s)
+            losses, tile_sums = self._rows(cols, idx, s)
             (losses.sum() / n).backward()
-            loss_sum += losses.detach().sum().item()
-            correct += tile_correct
-            masked += tile_masked
+            tile_sums["loss"] = losses.detach().sum()
+            for key, value in tile_sums.items():
+                sums[key] = sums.get(key, 0) + value
 
         grad_space = torch.empty_like(space)
         grad_space[:, 0] = queries.grad
         grad_space[:, 1:] = docs.grad.reshape(columns - 1, n, dim).transpose(0, 1)
         space.backward(grad_space)
-        return LossResult(raw.grad, s.grad.item(), loss_sum, correct, masked)
+        return LossResult(raw.grad, s.grad.item(), {k: float(v) for k, v in sums.items()})
+
+    def summarize(self, sums: dict[str, float], n: int) -> dict[str, float]:
+        """Metrics of the global batch from the sums over every rank's rows."""
+        return {"loss": sums["loss"] / n, "accuracy": sums["correct"] / n,
+                "masked_duplicates": sums["masked_duplicates"]}
+
+    def candidates_per_row(self, n: int, docs: int) -> int:
+        """Columns of one row's logits (sets the tile height)."""
+        return docs * (1 + ("doc_to_doc" in self.directions)) + n * (
+            ("query_to_query" in self.directions) + ("doc_to_query" in self.directions)
+        )
+
+    def duplicates(self, col_hash: torch.Tensor, row_hash: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """[rows, cols] True where a candidate other than column idx has the row's text."""
+        if not self.mask_duplicates:
+            return torch.zeros((len(idx), len(col_hash)), dtype=torch.bool, device=col_hash.device)
+        col = torch.arange(len(col_hash), device=col_hash.device)
+        return (col_hash[None, :] == row_hash[:, None]) & (col[None, :] != idx[:, None])
+
+    def log_partition(self, terms: list[torch.Tensor]) -> torch.Tensor:
+        if self.partition == "joint":
+            return torch.logsumexp(torch.cat(terms, dim=1), dim=1)
+        return torch.stack([torch.logsumexp(t, dim=1) for t in terms]).mean(0)
 
     def _rows(
-        self,
-        queries: torch.Tensor,
-        docs: torch.Tensor,
-        query_hash: torch.Tensor,
-        doc_hash: torch.Tensor,
-        idx: torch.Tensor,
-        scale: torch.Tensor,
-    ) -> tuple[torch.Tensor, int, int]:
-        """Per-row losses of the global rows ``idx`` (one tile)."""
-        n = queries.shape[0]
+        self, cols: GlobalColumns, idx: torch.Tensor, scale: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-row losses of the global rows ``idx`` (one tile), and the tile's metric sums."""
+        n, queries, docs = cols.n, cols.queries, cols.docs
         q, p = queries[idx], docs[idx]
-        doc_col = torch.arange(docs.shape[0], device=docs.device)
-        query_col = torch.arange(n, device=docs.device)
-        no_mask = torch.zeros((), dtype=torch.bool, device=docs.device)
-
-        def duplicates(col_hash: torch.Tensor, row_hash: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
-            if not self.mask_duplicates:
-                return no_mask
-            return (col_hash[None, :] == row_hash[:, None]) & (col[None, :] != idx[:, None])
-
-        dup_docs = duplicates(doc_hash, doc_hash[idx], doc_col)
-        dup_queries = duplicates(query_hash, query_hash[idx], query_col)
+        dup_docs = self.duplicates(cols.doc_hash, cols.doc_hash[idx], idx)
+        dup_queries = self.duplicates(cols.query_hash, cols.query_hash[idx], idx)
         query_to_doc = (scale * q @ docs.T).masked_fill(dup_docs, -torch.inf)
         terms = [query_to_doc]
         if "query_to_query" in self.directions:
-            own = query_col[None, :] == idx[:, None]
+            own = torch.arange(n, device=docs.device)[None, :] == idx[:, None]
             terms.append((scale * q @ queries.T).masked_fill(own | dup_queries, -torch.inf))
         if "doc_to_query" in self.directions:
             terms.append((scale * p @ queries.T).masked_fill(dup_queries, -torch.inf))
         if "doc_to_doc" in self.directions:
-            own = (doc_col[None, :] % n) == idx[:, None]
+            own = (torch.arange(docs.shape[0], device=docs.device)[None, :] % n) == idx[:, None]
             terms.append((scale * p @ docs.T).masked_fill(own | dup_docs, -torch.inf))
-
-        rows = torch.arange(len(idx), device=docs.device)
-        positive = query_to_doc[rows, idx]
-        if self.partition == "joint":
-            log_z = torch.logsumexp(torch.cat(terms, dim=1), dim=1)
-        else:
-            log_z = torch.stack([torch.logsumexp(t, dim=1) for t in terms]).mean(0)
-        correct = int((query_to_doc.detach().argmax(dim=1) == idx).sum())
-        masked = int(dup_docs.sum()) if self.mask_duplicates else 0
-        return log_z - positive, correct, masked
+        positive = query_to_doc[torch.arange(len(idx), device=docs.device), idx]
+        sums = {
+            "correct": (query_to_doc.detach().argmax(dim=1) == idx).sum(),
+            "masked_duplicates": dup_docs.sum(),
+        }
+        return self.log_partition(terms) - positive, sums

@@ -99,3 +99,35 @@ def worker_main(build, extra_args: dict[str, dict] | None = None) -> None:
     if world()[0] == 0:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
+
+
+def cased_guide_dir(root: Path, texts: list[str], seed: int = 3, hidden: int = 32) -> Path:
+    """A tiny random BERT guide whose own cased, accent-keeping WordPiece vocabulary is trained on ``texts``.
+
+    Its tokenizer differs from the student's (uncased MiniLM) in vocabulary,
+    casing and accents, and knows characters the student's vocabulary lacks.
+    """
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    path = Path(root) / "cased-guide"
+    raw = Path(root) / "cased-guide-raw"
+    wordpiece = BertWordPieceTokenizer(lowercase=False, strip_accents=False, clean_text=True)
+    wordpiece.train_from_iterator(texts, vocab_size=400, min_frequency=1)
+    tokenizer = BertTokenizerFast(tokenizer_object=wordpiece._tokenizer, do_lower_case=False, strip_accents=False,
+                                  unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]",
+                                  mask_token="[MASK]")
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=2 * hidden, max_position_embeddings=128,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                        initializer_range=1.0)  # spread out embeddings, so the guide masks some candidates, not all
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(str(raw))
+    tokenizer.save_pretrained(str(raw))
+    model = SentenceTransformer(modules=[Transformer(str(raw), max_seq_length=64), Pooling(hidden, "mean")],
+                                device="cpu")
+    model.save(str(path))
+    shutil.rmtree(raw)
+    return path

@@ -68,3 +68,36 @@ def param_groups(params: list[tuple[str, torch.nn.Parameter]], weight_decay: flo
     decay = [p for _, p in params if p.ndim >= 2]
     rest = [p for _, p in params if p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def reference_guided_loss(emb: torch.Tensor, guide: torch.Tensor, texts: list[list[str]], scale: torch.Tensor,
+                          strategy: str, margin: float, contrast_anchors: bool, contrast_positives: bool
+                          ) -> torch.Tensor:
+    """Mean guided (GIST) loss of the global batch; emb [N, C, d], guide [N, C, dg] (no grad)."""
+    n, c, _ = emb.shape
+    e, g = F.normalize(emb, dim=-1), F.normalize(guide, dim=-1)
+    q, gq = e[:, 0], g[:, 0]
+    docs, gdocs = torch.cat([e[:, k] for k in range(1, c)]), torch.cat([g[:, k] for k in range(1, c)])
+    p, gp = docs[:n], gdocs[:n]
+    doc_texts = [t for col in texts[1:] for t in col]
+    dup_doc = torch.tensor([[doc_texts[j] == doc_texts[r] and j != r for j in range(len(doc_texts))] for r in range(n)])
+    dup_q = torch.tensor([[texts[0][j] == texts[0][r] and j != r for j in range(n)] for r in range(n)])
+    pos_sim = (gq * gp).sum(-1, keepdim=True)
+    threshold = pos_sim - (pos_sim.abs() * margin if strategy == "relative" else margin)
+    eye = torch.zeros(n, len(doc_texts), dtype=torch.bool)
+    eye[torch.arange(n), torch.arange(n)] = True
+    blocks = [(scale * q @ docs.T).masked_fill(((gq @ gdocs.T > threshold) & ~eye) | dup_doc, float("-inf"))]
+    if contrast_anchors:
+        blocks.append((scale * q @ q.T).masked_fill((gq @ gq.T > threshold) | dup_q, float("-inf")))
+    if contrast_positives:
+        blocks.append((scale * p @ p.T).masked_fill((gp @ gp.T > threshold) | dup_doc[:, :n], float("-inf")))
+    logits = torch.cat(blocks, dim=1)
+    return (torch.logsumexp(logits, dim=1) - scale * (q * p).sum(-1)).mean()
+
+
+def reference_guide_embeddings(guide, texts: list[list[str]], max_length: int) -> torch.Tensor:
+    """[N, C, dg] guide embeddings of every column, from the guide's own tokenizer (no grad)."""
+    with torch.no_grad():
+        cols = [guide(dict(guide.tokenizer(col, padding=True, truncation=True, max_length=max_length,
+                                           return_tensors="pt")))["sentence_embedding"] for col in texts]
+    return torch.stack(cols, dim=1)

@@ -28,7 +28,7 @@ def st_model(tiny_model_dir):
 def ours(emb, hashes, loss, scale, first=0, rows=None):
     rows = emb.shape[0] if rows is None else rows
     r = loss.compute(emb, hashes, first, rows, scale)
-    return r.loss_sum / emb.shape[0], r.grad, r
+    return r.sums["loss"] / emb.shape[0], r.grad, r
 
 
 def assert_rel(got, want, tol=1e-5):
@@ -109,7 +109,7 @@ def test_duplicates_masked_and_scale_gradient(directions):
     emb[10, 0] = emb[3, 0]
     loss = InfoNCE(directions=directions, tile_rows=5)
     value, grad, result = ours(emb, hashes, loss, 20.0)
-    assert result.masked_duplicates == 4  # rows 1 and 4 each see two other copies of their positive text
+    assert result.sums["masked_duplicates"] == 4  # rows 1 and 4 each see two other copies of their positive text
 
     leaf, scale = emb.clone().requires_grad_(), torch.tensor(20.0, requires_grad=True)
     expected = reference_loss(leaf, columns, scale, directions, mask_duplicates=True)

@@ -14,18 +14,39 @@ import torch
 
 import ds_contrastive as dc
 from ds_contrastive.distributed import all_gather_objects, world
-from helpers import corpus, load_model, worker_main
-from reference import param_groups, reference_embeddings, reference_loss
+from helpers import corpus, load_model, minilm_dir, worker_main
+from reference import (param_groups, reference_embeddings, reference_guide_embeddings, reference_guided_loss,
+                       reference_loss)
 
 ROWS, NEGATIVES, SEED, LR, MAX_LEN = 11, 1, 7, 1e-3, 64
 BUDGETS = {"one_chunk": (None, 10**6), "several": (120, None), "one_per_chunk": (None, 1)}
+ALL_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 LOSSES = {
-    "qd_fixed": dict(temperature=0.05),
-    "all_dirs_learnable": dict(
-        temperature=0.05, learnable_temperature=True,
-        directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),
-    ),
+    "qd_fixed": lambda guide: dc.InfoNCE(temperature=0.05),
+    "all_dirs_learnable": lambda guide: dc.InfoNCE(temperature=0.05, learnable_temperature=True,
+                                                   directions=ALL_DIRECTIONS),
+    "guided": lambda guide: dc.GuidedInfoNCE(guide=guide, temperature=0.05, margin=0.05),
+    "guided_relative_learnable": lambda guide: dc.GuidedInfoNCE(
+        guide=guide, temperature=0.05, learnable_temperature=True, margin_strategy="relative", margin=0.1),
+    "matryoshka": lambda guide: dc.Matryoshka(dc.InfoNCE(temperature=0.05), dims=(32, 16, 8),
+                                              weights=(1.0, 0.5, 0.25)),
 }
+
+
+def reference_value(loss, emb, guide_emb, texts, scale) -> torch.Tensor:
+    """The reference loss matching ``loss``'s settings."""
+    if isinstance(loss, dc.Matryoshka):
+        return sum(w * reference_value(loss.loss, emb[..., :d], guide_emb, texts, scale)
+                   for d, w in zip(loss.dims, loss.weights))
+    if isinstance(loss, dc.GuidedInfoNCE):
+        return reference_guided_loss(emb, guide_emb, texts, scale, loss.margin_strategy, loss.margin,
+                                     loss.contrast_anchors, loss.contrast_positives)
+    return reference_loss(emb, texts, scale, loss.directions, loss.mask_duplicates)
+
+
+def guide_unpartitioned(engine) -> bool:
+    """Every guide parameter is a plain full tensor (ZeRO-3 never touched it)."""
+    return all(not hasattr(p, "ds_id") and p.numel() > 0 for p in engine.guide.model.parameters())
 
 
 def global_batch(step: int) -> dict[str, list[str]]:
@@ -54,10 +75,10 @@ def rel(a: dict, b: dict, base: dict | None = None) -> float:
     return float(num / den)
 
 
-def run(model_dir: str, stage: int, budget: str, loss_name: str, steps: int) -> dict:
+def run(model_dir: str, guide_dir: str, stage: int, budget: str, loss_name: str, steps: int) -> dict:
     rank, size = world()
     tokens, rows = BUDGETS[budget]
-    loss = dc.InfoNCE(**LOSSES[loss_name])
+    loss = LOSSES[loss_name](guide_dir)
     cfg = {"zero_optimization": {"stage": stage, "reduce_bucket_size": 10**8}, "gradient_clipping": 0.0}
     engine = dc.ContrastiveEngine(load_model(model_dir), loss, ds_config=cfg, chunk_tokens=tokens,
                                   chunk_rows=rows, lr=LR, weight_decay=0.01, seed=SEED, max_length=MAX_LEN)
@@ -65,6 +86,7 @@ def run(model_dir: str, stage: int, budget: str, loss_name: str, steps: int) -> 
     hook = engine.module.model.register_forward_hook(lambda *a: forwards.append(1))
     ref_model = load_model(model_dir)
     ref_model.train()
+    ref_guide = load_model(guide_dir) if engine.guide is not None else None
     ref_params = [(f"model.{n}", p) for n, p in ref_model.named_parameters()]
     if loss.learnable_temperature:
         log_scale = torch.nn.Parameter(torch.tensor([loss.initial_log_scale()]))
@@ -78,6 +100,7 @@ def run(model_dir: str, stage: int, budget: str, loss_name: str, steps: int) -> 
         engine.train_step(shard_of(batch, rank, size))
         plans = all_gather_objects([(list(c.indices), c.dummy) for c in engine.last_plan.chunks])
         counts = all_gather_objects(len(forwards))
+        unpartitioned = all_gather_objects(guide_unpartitioned(engine)) if engine.guide is not None else None
         got = flat_params(engine.module, stage)
         if rank != 0:
             continue
@@ -85,8 +108,10 @@ def run(model_dir: str, stage: int, budget: str, loss_name: str, steps: int) -> 
         emb = reference_embeddings(ref_model, ref_model.tokenizer, shards, plans, SEED, step, MAX_LEN)
         scale = (log_scale.exp().clamp(max=loss.max_scale)[0] if loss.learnable_temperature
                  else torch.tensor(1 / loss.temperature))
+        texts = list(batch.values())
+        guide_emb = reference_guide_embeddings(ref_guide, texts, ref_guide.max_seq_length) if ref_guide else None
         opt.zero_grad()
-        reference_loss(emb, list(batch.values()), scale, loss.directions, loss.mask_duplicates).backward()
+        reference_value(loss, emb, guide_emb, texts, scale).backward()
         opt.step()
         want = {n.removeprefix("model."): p.detach().clone() for n, p in ref_params}
         results[f"step{step + 1}"] = {
@@ -94,6 +119,7 @@ def run(model_dir: str, stage: int, budget: str, loss_name: str, steps: int) -> 
             "update_rel": rel(got, want, initial),
             "forward_calls_per_rank": counts,
             "dummy_chunks": sum(d for plan in plans for _, d in plan),
+            "guide_unpartitioned": unpartitioned,
         }
     hook.remove()
     return results
@@ -102,14 +128,20 @@ def run(model_dir: str, stage: int, budget: str, loss_name: str, steps: int) -> 
 def build(args) -> dict:
     report = {}
     for stage in map(int, args.stages.split(",")):
-        for budget in BUDGETS:
-            for loss_name in LOSSES:
+        for budget in args.budgets.split(","):
+            for loss_name in args.losses.split(","):
                 key = f"zero{stage}/{budget}/{loss_name}"
-                report[key] = run(args.model, stage, budget, loss_name, args.steps)
+                report[key] = run(args.model, args.guide, stage, budget, loss_name, args.steps)
                 if world()[0] == 0:
                     print(key, json.dumps(report[key]), file=sys.stderr, flush=True)
     return report
 
 
 if __name__ == "__main__":
-    worker_main(build, {"--stages": dict(default="0,1,2,3"), "--steps": dict(type=int, default=3)})
+    worker_main(build, {
+        "--stages": dict(default="0,1,2,3"),
+        "--steps": dict(type=int, default=3),
+        "--budgets": dict(default=",".join(BUDGETS)),
+        "--losses": dict(default="qd_fixed,all_dirs_learnable"),
+        "--guide": dict(default=str(minilm_dir())),
+    })
