@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from .batch import BatchError, Shard, Tokenized, text_hashes, tokenize, validate_shard
 from .chunking import ChunkPlan, balance_chunk_count, chunk_seed, plan_chunks
@@ -116,6 +115,10 @@ class ContrastiveEngine:
         self.tokenizer = model.tokenizer
         self.lowercase = bool(getattr(model[0], "do_lower_case", False)) if hasattr(model, "__getitem__") else False
 
+        dims = getattr(self.loss, "dims", ())
+        size = model.get_sentence_embedding_dimension() if hasattr(model, "get_sentence_embedding_dimension") else None
+        if size and any(d > size for d in dims):
+            raise ValueError(f"Matryoshka dims {dims} exceed the model's embedding size {size}")
         log_scale = self.loss.initial_log_scale() if self.loss.learnable_temperature else None
         self.module = EmbeddingModule(model, log_scale, self.loss.max_scale)
         opt = None
@@ -174,6 +177,8 @@ class ContrastiveEngine:
         t_loss = time.perf_counter()
 
         self._pass2(tokens, plan, grad, result.grad_scale)
+        # DeepSpeed reports the gradient norm only for its own optimizers (ZeRO 1-3, bf16 wrapper).
+        own_norm = self._grad_norm() if self.zero_stage == 0 else None
         self.engine.step()
         self.global_step += 1
         end = time.perf_counter()
@@ -189,7 +194,7 @@ class ContrastiveEngine:
             **self.loss.summarize(dict(zip(keys, sums)), n),
             "temperature": 1.0 / scale,
             "lr": float(self.engine.get_lr()[0]),
-            "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+            "grad_norm": float(self.engine.get_global_grad_norm() or own_norm or 0.0),
             "global_batch_size": float(n),
             "samples_per_second": n / seconds,
             "tokens_per_second": real_tokens / seconds,
@@ -231,9 +236,12 @@ class ContrastiveEngine:
     @contextlib.contextmanager
     def _seeded(self, chunk: int) -> Iterator[None]:
         """Run one chunk's forward under its own seed; the global RNG stream is left as it was."""
+        seed = chunk_seed(self.seed, self.global_step, self.rank, chunk)
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, device_type=self.device.type):
-            torch.manual_seed(chunk_seed(self.seed, self.global_step, self.rank, chunk))
+            torch.default_generator.manual_seed(seed)
+            if self.device.type == "cuda":
+                torch.cuda.manual_seed(seed)  # this rank's device only; fork_rng restores it
             yield
 
     def _pass1(self, tokens: Tokenized, plan: ChunkPlan, rows: int, columns: int) -> tuple[torch.Tensor, float]:
@@ -269,6 +277,11 @@ class ContrastiveEngine:
                     surrogate = surrogate + learned_scale * (grad_scale * self.world_size)
                 self.engine.backward(surrogate)
 
+    def _grad_norm(self) -> float:
+        """L2 norm of the (already all-reduced) gradients of a ZeRO-0 engine."""
+        grads = [p.grad.float().norm() for p in self.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+
     def _peak_memory_gb(self) -> float:
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device)
@@ -281,7 +294,8 @@ class ContrastiveEngine:
     def save(self, path: str | Path) -> None:
         """Write the model so that ``SentenceTransformer(path)`` loads it (ZeRO-3: consolidated).
 
-        Collective: every rank must call it. Rank 0 writes.
+        Collective: every rank must call it. Rank 0 writes; a failure there is raised on every rank.
+        Under ZeRO-3 every rank gathers the full parameters for the duration of the save.
         """
         import deepspeed
 
@@ -292,12 +306,17 @@ class ContrastiveEngine:
             if self.zero_stage == 3
             else contextlib.nullcontext()
         )
+        error = None
         with gathered:
             if self.rank == 0:
-                self.module.model.save(str(path))
-                (path / "ds_contrastive.json").write_text(json.dumps(info, indent=2) + "\n")
-        if dist.is_initialized():
-            dist.barrier()
+                try:
+                    self.module.model.save(str(path))
+                    (path / "ds_contrastive.json").write_text(json.dumps(info, indent=2) + "\n")
+                except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+                    error = f"saving to {path} failed on rank 0: {type(e).__name__}: {e}"
+        error = all_gather_objects(error)[0]  # the other ranks learn of a failure instead of waiting
+        if error:
+            raise OSError(error)
 
     def temperature(self) -> float:
         """The current temperature (the learnable one if it is learned)."""

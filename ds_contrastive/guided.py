@@ -59,6 +59,9 @@ class GuidedInfoNCE(InfoNCE):
                 "GuidedInfoNCE takes its extra terms from contrast_anchors / contrast_positives; "
                 f"directions must be ('query_to_doc',), got {self.directions}"
             )
+        if self.partition != "joint":
+            raise ValueError("GuidedInfoNCE needs partition='joint': its anchor-anchor and positive-positive "
+                             "candidate pools never hold the positive")
         if self.margin_strategy not in ("absolute", "relative"):
             raise ValueError(f"margin_strategy must be 'absolute' or 'relative', got {self.margin_strategy!r}")
         if self.guide is None:

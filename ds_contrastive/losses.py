@@ -83,7 +83,9 @@ class InfoNCE:
     anchor, is not a negative, wherever it sits in the global batch.
 
     ``temperature`` is 1 / scale. With ``learnable_temperature`` the engine
-    trains log(scale), clamped so that temperature >= ``min_temperature``.
+    trains log(scale); the scale is clamped in the forward pass so that
+    temperature >= ``min_temperature``, and at that bound its gradient is zero
+    (the temperature stays there unless the clamp is lowered).
     """
 
     temperature: float = 0.05
@@ -115,6 +117,11 @@ class InfoNCE:
         if not 0 < self.min_temperature <= self.temperature:
             raise ValueError(
                 f"need 0 < min_temperature <= temperature, got {self.min_temperature} and {self.temperature}"
+            )
+        if self.learnable_temperature and self.temperature <= self.min_temperature:
+            raise ValueError(
+                f"a learnable temperature that starts at min_temperature ({self.min_temperature}) cannot move: "
+                "the clamp has zero gradient there; set min_temperature below temperature"
             )
         if self.tile_rows is not None and self.tile_rows < 1:
             raise ValueError(f"tile_rows must be >= 1, got {self.tile_rows}")

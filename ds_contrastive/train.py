@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -14,10 +15,12 @@ from typing import Any
 import torch
 
 from .data import GlobalBatches, load_pairs
-from .distributed import init_process_group, world
+from .distributed import all_gather_objects, init_process_group, world
 from .ds_config import load_ds_config
 from .engine import ContrastiveEngine
+from .guided import GuidedInfoNCE
 from .losses import InfoNCE
+from .matryoshka import Matryoshka
 from .train_config import BUILTIN_DATA, BUILTIN_MODEL, TrainConfig, argument_parser, load_train_config
 
 
@@ -72,6 +75,40 @@ def evaluate(model, pairs: dict[str, list[str]]) -> dict[str, float]:
     from .retrieval import evaluate_model
 
     return evaluate_model(model, pairs["anchor"], pairs["positive"])
+
+
+def check_same_data(data: dict[str, list[str]]) -> None:
+    """Every rank must read the same rows (each derives its shards and step count from them).
+
+    A file that differs between nodes, or built-in pairs from different Python
+    builds, would otherwise make ranks disagree on batches or hang at the end.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for column, texts in data.items():
+        digest.update(column.encode())
+        for text in texts:
+            digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    seen = all_gather_objects((len(next(iter(data.values()))), digest.hexdigest()))
+    if len(set(seen)) > 1:
+        rows = ", ".join(f"rank {r}: {n} rows" for r, (n, _) in enumerate(seen))
+        raise ValueError(f"ranks read different training data ({rows}); give every rank the same files")
+
+
+def build_loss(cfg: TrainConfig) -> InfoNCE | Matryoshka:
+    """InfoNCE, GuidedInfoNCE when a guide is configured, wrapped in Matryoshka when dims are given."""
+    common = dict(temperature=cfg.temperature, learnable_temperature=cfg.learnable_temperature,
+                  min_temperature=cfg.min_temperature, directions=tuple(cfg.directions), partition=cfg.partition,
+                  similarity=cfg.similarity, mask_duplicates=cfg.mask_duplicates)
+    if cfg.guide is None:
+        loss = InfoNCE(**common)
+    else:
+        loss = GuidedInfoNCE(guide=resolve_model_path(cfg.guide), margin_strategy=cfg.margin_strategy,
+                             margin=cfg.margin, contrast_anchors=cfg.contrast_anchors,
+                             contrast_positives=cfg.contrast_positives, guide_chunk_tokens=cfg.guide_chunk_tokens,
+                             **common)
+    if cfg.matryoshka_dims:
+        return Matryoshka(loss, tuple(cfg.matryoshka_dims), tuple(cfg.matryoshka_weights) or None)
+    return loss
 
 
 def warmup_linear_decay(total_steps: int, warmup_ratio: float):
@@ -131,6 +168,7 @@ def train(cfg: TrainConfig, ds_config_path: str) -> dict[str, Any]:
     rank, world_size = world()
     ds_config = apply_precision(load_ds_config(ds_config_path), cfg.precision)
     data = load_train_data(cfg)
+    check_same_data(data)
     batches = GlobalBatches(data, cfg.global_batch_size, cfg.seed)
     total_steps = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
     eval_pairs = load_eval_data(cfg)
@@ -140,11 +178,8 @@ def train(cfg: TrainConfig, ds_config_path: str) -> dict[str, Any]:
         summary["before"] = evaluate(model, eval_pairs)
         print(f"held-out retrieval before training: {_fmt(summary['before'])}", flush=True)
 
-    loss = InfoNCE(temperature=cfg.temperature, learnable_temperature=cfg.learnable_temperature,
-                   min_temperature=cfg.min_temperature, directions=tuple(cfg.directions), partition=cfg.partition,
-                   similarity=cfg.similarity, mask_duplicates=cfg.mask_duplicates)
     engine = ContrastiveEngine(
-        model, loss, ds_config=ds_config, chunk_tokens=cfg.chunk_tokens, chunk_rows=cfg.chunk_rows, lr=cfg.lr,
+        model, build_loss(cfg), ds_config=ds_config, chunk_tokens=cfg.chunk_tokens, chunk_rows=cfg.chunk_rows, lr=cfg.lr,
         weight_decay=cfg.weight_decay, lr_scheduler=warmup_linear_decay(total_steps, cfg.warmup_ratio),
         anchor_column=cfg.anchor_column, positive_column=cfg.positive_column, seed=cfg.seed,
         max_length=cfg.max_length,

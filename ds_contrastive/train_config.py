@@ -49,6 +49,14 @@ class TrainConfig:
     partition: str = "joint"
     similarity: str = "cosine"
     mask_duplicates: bool = True
+    guide: str | None = None  # guided (GIST) loss: a frozen guide SentenceTransformer (path or builtin)
+    margin_strategy: str = "absolute"  # guided: 'absolute' or 'relative'
+    margin: float = 0.0  # guided: mask candidates the guide scores above sim(anchor, positive) - margin
+    contrast_anchors: bool = True  # guided: anchor-anchor term over the global batch
+    contrast_positives: bool = True  # guided: positive-positive term over the global batch
+    guide_chunk_tokens: int = 16384  # guided: padded tokens per guide forward call
+    matryoshka_dims: list[int] = field(default_factory=list)  # e.g. 384,256,128,64; empty: no Matryoshka
+    matryoshka_weights: list[float] = field(default_factory=list)  # one per dim; empty: all 1
     chunk_tokens: int | None = 16384  # padded tokens per encoder forward call
     chunk_rows: int | None = None  # most sequences per encoder forward call
     max_length: int | None = None  # truncation (default: the model's max_seq_length)

@@ -101,3 +101,14 @@ def reference_guide_embeddings(guide, texts: list[list[str]], max_length: int) -
         cols = [guide(dict(guide.tokenizer(col, padding=True, truncation=True, max_length=max_length,
                                            return_tensors="pt")))["sentence_embedding"] for col in texts]
     return torch.stack(cols, dim=1)
+
+
+def zero_fill_grads(params: list[tuple[str, torch.nn.Parameter]]) -> None:
+    """Give unused parameters (BERT's pooler under mean pooling) a zero gradient, as DeepSpeed does.
+
+    torch optimizers skip a parameter whose grad is None, DeepSpeed hands them a
+    zero gradient, so weight decay still applies to them; the reference follows.
+    """
+    for _, p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)

@@ -13,6 +13,7 @@ import pytest
 from launch import run_worker
 
 TOLERANCE = 1e-5
+UPDATE_TOLERANCE = 1e-4
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
@@ -23,6 +24,8 @@ def test_parameters_equal_full_batch_reference(world_size, tiny_model_dir, tmp_p
         for step in ("step1", "step3"):
             r = steps[step]
             assert r["param_rel"] < TOLERANCE, (key, step, r)
+            assert r["update_rel"] < UPDATE_TOLERANCE, (key, step, r)  # a 1/W or Wx gradient fails this
+            assert r["grad_norm_rel"] < UPDATE_TOLERANCE, (key, step, r)
             calls = r["forward_calls_per_rank"]
             assert len(calls) == world_size and len(set(calls)) == 1, (key, step, calls)
         if "one_per_chunk" in key and world_size > 1:

@@ -131,11 +131,29 @@ def test_duplicates_masked_and_scale_gradient(directions):
         (dict(similarity="l2"), "similarity"),
         (dict(temperature=0.005, min_temperature=0.01), "min_temperature"),
         (dict(tile_rows=0), "tile_rows"),
+        (dict(temperature=0.01, min_temperature=0.01, learnable_temperature=True), "cannot move"),
     ],
 )
 def test_bad_loss_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         InfoNCE(**kwargs)
+
+
+def test_guided_refuses_what_it_cannot_do(st_model):
+    from ds_contrastive import GuidedInfoNCE, Matryoshka
+
+    with pytest.raises(ValueError, match="partition='joint'"):
+        GuidedInfoNCE(guide=st_model, partition="per_direction")
+    with pytest.raises(ValueError, match="contrast_anchors"):
+        GuidedInfoNCE(guide=st_model, directions=("query_to_doc", "doc_to_query"))
+    with pytest.raises(ValueError, match="margin_strategy"):
+        GuidedInfoNCE(guide=st_model, margin_strategy="soft")
+    with pytest.raises(ValueError, match="needs a guide"):
+        GuidedInfoNCE()
+    with pytest.raises(ValueError, match="weights"):
+        Matryoshka(InfoNCE(), dims=(32, 16), weights=(1.0,))
+    with pytest.raises(ValueError, match="distinct"):
+        Matryoshka(InfoNCE(), dims=(16, 16))
 
 
 def test_all_direction_sets_are_accepted():

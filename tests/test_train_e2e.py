@@ -13,12 +13,14 @@ import pytest
 import torch
 from sentence_transformers import SentenceTransformer
 
-from helpers import corpus
+from helpers import corpus, minilm_dir
 from launch import ROOT, run_deepspeed
 from wandb_offline import config, history, run_file
 
 STEPS = 3
-CONFIGS = ("zero2", "zero3", "zero3_offload")
+CONFIGS = {"zero2": [], "zero3": [], "zero3_offload": [],
+           "zero3_guided_matryoshka": ["--guide", str(minilm_dir()), "--matryoshka_dims", "32,16",
+                                       "--matryoshka_weights", "1,0.5", "--margin", "0.02"]}
 STEP_KEYS = ["loss", "accuracy", "temperature", "lr", "grad_norm", "samples_per_second", "tokens_per_second",
              "time_pass1", "time_gather_loss", "time_pass2_step", "peak_memory_gb", "masked_duplicates",
              "global_batch_size"]
@@ -36,10 +38,10 @@ def runs(tiny_model_dir, tmp_path_factory):
     write_jsonl(root / "train.jsonl", corpus(40, 1, seed=11))
     write_jsonl(root / "heldout.jsonl", corpus(12, 0, seed=12))
     out = {}
-    for stage in CONFIGS:
+    for stage, extra in CONFIGS.items():
         out[stage] = root / stage
         run_deepspeed(ROOT / "launch/train.py", 2, [
-            "--deepspeed_config", str(ROOT / f"configs/deepspeed/{stage}.json"),
+            "--deepspeed_config", str(ROOT / f"configs/deepspeed/{stage.split('_guided')[0]}.json"), *extra,
             "--config", str(ROOT / "configs/train/quickstart.yaml"),
             "--model", str(tiny_model_dir), "--train_data", str(root / "train.jsonl"),
             "--negative_columns", "negative_0", "--eval_data", str(root / "heldout.jsonl"),
@@ -65,6 +67,18 @@ def test_wandb_offline_run_has_step_metrics(runs, stage):
     assert logged["deepspeed"]["zero_optimization"]["stage"] == int(stage[-1])
     lines = (runs[stage] / "metrics.jsonl").read_text().splitlines()
     assert len([line for line in lines if "train/loss" in line]) == STEPS
+
+
+def test_guided_matryoshka_run_logs_its_metrics(runs):
+    steps = [row for row in history(run_file(runs["zero3_guided_matryoshka"])) if "train/loss" in row]
+    assert len(steps) == STEPS
+    for row in steps:
+        for key in ("loss@16", "loss@32", "accuracy@16", "guide_masked_fraction_anchor_doc",
+                    "guide_masked_fraction_anchor_anchor", "guide_masked_fraction_positive_positive",
+                    "guide_masked_similarity_anchor_doc", "time_guide"):
+            assert math.isfinite(row[f"train/{key}"]), (key, row)
+        assert 0 <= row["train/guide_masked_fraction_anchor_doc"] <= 1
+    SentenceTransformer(str(runs["zero3_guided_matryoshka"]), device="cpu").encode(["loads"])
 
 
 def test_saved_models_load_and_agree_across_zero_stages(runs, tiny_model_dir):

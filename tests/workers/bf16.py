@@ -8,9 +8,12 @@ import torch
 
 import ds_contrastive as dc
 from ds_contrastive.distributed import all_gather_objects, world
-from exactness import LR, MAX_LEN, SEED, flat_params, global_batch, shard_of
+from exactness import MAX_LEN, SEED, flat_params, global_batch, shard_of
 from helpers import load_model, worker_main
-from reference import param_groups, reference_embeddings, reference_loss
+from reference import param_groups, zero_fill_grads, reference_embeddings, reference_loss
+
+
+LR = 1e-3
 
 
 def run(model_dir: str, stage: int) -> dict | None:
@@ -33,6 +36,7 @@ def run(model_dir: str, stage: int) -> dict | None:
     emb = reference_embeddings(ref, ref.tokenizer, shards, plans, SEED, 0, MAX_LEN)
     loss = reference_loss(emb, list(batch.values()), torch.tensor(20.0), ("query_to_doc",), True)
     loss.backward()
+    zero_fill_grads(params)
     opt.step()
     names = [n for n, _ in params]
     start = torch.cat([initial[n].bfloat16().float().flatten() for n in names])  # the engine starts in bf16

@@ -15,10 +15,10 @@ import torch
 import ds_contrastive as dc
 from ds_contrastive.distributed import all_gather_objects, world
 from helpers import corpus, load_model, minilm_dir, worker_main
-from reference import (param_groups, reference_embeddings, reference_guide_embeddings, reference_guided_loss,
+from reference import (param_groups, zero_fill_grads, reference_embeddings, reference_guide_embeddings, reference_guided_loss,
                        reference_loss)
 
-ROWS, NEGATIVES, SEED, LR, MAX_LEN = 11, 1, 7, 1e-3, 64
+ROWS, NEGATIVES, SEED, LR, MAX_LEN = 11, 1, 7, 0.1, 64
 BUDGETS = {"one_chunk": (None, 10**6), "several": (120, None), "one_per_chunk": (None, 1)}
 ALL_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 LOSSES = {
@@ -79,9 +79,12 @@ def run(model_dir: str, guide_dir: str, stage: int, budget: str, loss_name: str,
     rank, size = world()
     tokens, rows = BUDGETS[budget]
     loss = LOSSES[loss_name](guide_dir)
-    cfg = {"zero_optimization": {"stage": stage, "reduce_bucket_size": 10**8}, "gradient_clipping": 0.0}
+    cfg = {"zero_optimization": {"stage": stage, "reduce_bucket_size": 10**8}, "gradient_clipping": 0.0,
+           "zero_allow_untested_optimizer": True}
+    # SGD, not Adam: Adam's update barely changes when the gradient is scaled (1/W or Wx would pass).
     engine = dc.ContrastiveEngine(load_model(model_dir), loss, ds_config=cfg, chunk_tokens=tokens,
-                                  chunk_rows=rows, lr=LR, weight_decay=0.01, seed=SEED, max_length=MAX_LEN)
+                                  chunk_rows=rows, optimizer=lambda groups: torch.optim.SGD(groups, lr=LR),
+                                  weight_decay=0.01, seed=SEED, max_length=MAX_LEN)
     forwards = []
     hook = engine.module.model.register_forward_hook(lambda *a: forwards.append(1))
     ref_model = load_model(model_dir)
@@ -91,13 +94,13 @@ def run(model_dir: str, guide_dir: str, stage: int, budget: str, loss_name: str,
     if loss.learnable_temperature:
         log_scale = torch.nn.Parameter(torch.tensor([loss.initial_log_scale()]))
         ref_params.append(("log_scale", log_scale))
-    opt = torch.optim.AdamW(param_groups(ref_params, 0.01), lr=LR, weight_decay=0.01)
+    opt = torch.optim.SGD(param_groups(ref_params, 0.01), lr=LR)
     initial = {n.removeprefix("model."): p.detach().clone() for n, p in ref_params}
     results = {}
     for step in range(steps):
         batch = global_batch(step)
         forwards.clear()
-        engine.train_step(shard_of(batch, rank, size))
+        metrics = engine.train_step(shard_of(batch, rank, size))
         plans = all_gather_objects([(list(c.indices), c.dummy) for c in engine.last_plan.chunks])
         counts = all_gather_objects(len(forwards))
         unpartitioned = all_gather_objects(guide_unpartitioned(engine)) if engine.guide is not None else None
@@ -112,11 +115,14 @@ def run(model_dir: str, guide_dir: str, stage: int, budget: str, loss_name: str,
         guide_emb = reference_guide_embeddings(ref_guide, texts, ref_guide.max_seq_length) if ref_guide else None
         opt.zero_grad()
         reference_value(loss, emb, guide_emb, texts, scale).backward()
+        zero_fill_grads(ref_params)
+        ref_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for _, p in ref_params])))
         opt.step()
         want = {n.removeprefix("model."): p.detach().clone() for n, p in ref_params}
         results[f"step{step + 1}"] = {
             "param_rel": rel(got, want),
             "update_rel": rel(got, want, initial),
+            "grad_norm_rel": abs(metrics["grad_norm"] - ref_norm) / ref_norm,
             "forward_calls_per_rank": counts,
             "dummy_chunks": sum(d for plan in plans for _, d in plan),
             "guide_unpartitioned": unpartitioned,
