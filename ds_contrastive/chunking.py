@@ -48,11 +48,11 @@ def plan_chunks(lengths: list[int], token_budget: int | None, max_rows: int | No
     chunk of its own.
     """
     if token_budget is None and max_rows is None:
-        raise ValueError("plan_chunks needs a token_budget, a max_rows, or both")
+        raise ValueError("chunking needs a token budget (chunk_tokens), a row limit (chunk_rows), or both")
     if token_budget is not None and token_budget < 1:
-        raise ValueError(f"token_budget must be >= 1, got {token_budget}")
+        raise ValueError(f"the chunk token budget (chunk_tokens) must be >= 1, got {token_budget}")
     if max_rows is not None and max_rows < 1:
-        raise ValueError(f"chunk max_rows must be >= 1, got {max_rows}")
+        raise ValueError(f"the chunk row limit (chunk_rows) must be >= 1, got {max_rows}")
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     chunks: list[Chunk] = []
     current: list[int] = []

@@ -105,9 +105,7 @@ class ContrastiveEngine:
         self.rank, self.world_size = world()
         self.loss = loss or InfoNCE()
         self.config = resolve_ds_config(load_ds_config(ds_config), self.world_size)
-        if chunk_tokens is None and chunk_rows is None:
-            raise ValueError("set chunk_tokens, chunk_rows, or both")
-        plan_chunks([1], chunk_tokens, chunk_rows)  # validates the budget values
+        plan_chunks([1], chunk_tokens, chunk_rows)  # validates the budget values before any work
         self.chunk_tokens, self.chunk_rows = chunk_tokens, chunk_rows
         self.anchor_column, self.positive_column = anchor_column, positive_column
         self.seed = seed
@@ -154,7 +152,8 @@ class ContrastiveEngine:
         """One optimizer step on the global batch made of every rank's ``batch``.
 
         ``batch`` maps column names to lists of raw strings (this rank's
-        shard). Returns metrics of the whole global batch, equal on every rank.
+        shard). Returns metrics of the whole global batch (equal on every rank),
+        plus this rank's own times, throughput and peak memory.
         """
         start = time.perf_counter()
         self.engine.train()
@@ -162,14 +161,15 @@ class ContrastiveEngine:
         self.last_plan = plan
         t_prepared = time.perf_counter()
 
+        texts = shard.flat()
         local, scale = self._pass1(tokens, plan, shard.rows, len(shard.columns))
         t_pass1 = time.perf_counter()
-        guide = self.guide.embed(shard.flat()) if self.guide is not None else None
+        guide = self.guide.embed(texts) if self.guide is not None else None
         t_guide = time.perf_counter()
 
         offset = sum(counts[: self.rank])
         embeddings = gather_rows(local, counts)
-        hashes = gather_rows(by_row(text_hashes(shard.flat()).to(self.device), shard.rows), counts)
+        hashes = gather_rows(by_row(text_hashes(texts).to(self.device), shard.rows), counts)
         if guide is not None:
             guide = gather_rows(by_row(guide, shard.rows), counts)
         result = self.loss.compute(embeddings, hashes, offset, shard.rows, scale, guide)
