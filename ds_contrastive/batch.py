@@ -104,6 +104,13 @@ class Tokenized:
         return {k: v.to(device, non_blocking=True) for k, v in out.items()}
 
 
+def tokenizer_settings(model, max_length: int | None = None) -> tuple[int, bool]:
+    """(truncation length, lowercase first) of a SentenceTransformer, as its own ``encode`` would use."""
+    length = max_length or getattr(model, "max_seq_length", None) or 512
+    first = model[0] if hasattr(model, "__getitem__") else None
+    return length, bool(getattr(first, "do_lower_case", False))
+
+
 def tokenize(tokenizer, texts: list[str], max_length: int, lowercase: bool = False) -> Tokenized:
     """Tokenize raw strings with truncation and no padding (padding is per chunk)."""
     if lowercase:

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .batch import BatchError, Shard, Tokenized, text_hashes, tokenize, validate_shard
+from .batch import BatchError, Shard, Tokenized, text_hashes, tokenize, tokenizer_settings, validate_shard
 from .chunking import ChunkPlan, balance_chunk_count, chunk_seed, plan_chunks
 from .distributed import all_gather_objects, gather_rows, init_process_group, sum_scalars, sum_to_owners, world
 from .ds_config import load_ds_config, precision, resolve_ds_config, zero_stage
@@ -109,9 +109,8 @@ class ContrastiveEngine:
         self.chunk_tokens, self.chunk_rows = chunk_tokens, chunk_rows
         self.anchor_column, self.positive_column = anchor_column, positive_column
         self.seed = seed
-        self.max_length = max_length or getattr(model, "max_seq_length", None) or 512
+        self.max_length, self.lowercase = tokenizer_settings(model, max_length)
         self.tokenizer = model.tokenizer
-        self.lowercase = bool(getattr(model[0], "do_lower_case", False)) if hasattr(model, "__getitem__") else False
 
         dims = getattr(self.loss, "dims", ())
         size = model.get_sentence_embedding_dimension() if hasattr(model, "get_sentence_embedding_dimension") else None

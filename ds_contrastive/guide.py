@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .batch import tokenize
+from .batch import tokenize, tokenizer_settings
 from .chunking import plan_chunks
 
 
@@ -35,8 +35,7 @@ class Guide:
             model = SentenceTransformer(str(model), device="cpu", trust_remote_code=False)
         self.model = model
         self.chunk_tokens = chunk_tokens
-        self.max_length = max_length or getattr(model, "max_seq_length", None) or 512
-        self.lowercase = bool(getattr(model[0], "do_lower_case", False))
+        self.max_length, self.lowercase = tokenizer_settings(model, max_length)
         self.device: torch.device | None = None
         self.model.eval()
         self.model.requires_grad_(False)
