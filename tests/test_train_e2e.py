@@ -22,7 +22,7 @@ CONFIGS = {"zero2": [], "zero3": [], "zero3_offload": [],
            "zero3_guided_matryoshka": ["--guide", str(minilm_dir()), "--matryoshka_dims", "32,16",
                                        "--matryoshka_weights", "1,0.5", "--margin", "0.02"]}
 STEP_KEYS = ["loss", "accuracy", "temperature", "lr", "grad_norm", "samples_per_second", "tokens_per_second",
-             "time_pass1", "time_gather_loss", "time_pass2_step", "peak_memory_gb", "masked_duplicates",
+             "time_pass1", "time_gather_loss", "time_pass2", "time_optimizer", "peak_memory_gb", "masked_duplicates",
              "global_batch_size"]
 
 
