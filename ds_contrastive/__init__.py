@@ -8,5 +8,15 @@ from .guided import GuidedInfoNCE
 from .losses import InfoNCE
 from .matryoshka import Matryoshka
 
-__all__ = ["BatchError", "ConfigError", "ContrastiveEngine", "Guide", "GuidedInfoNCE", "InfoNCE", "Matryoshka"]
+__all__ = ["BatchError", "ConfigError", "ContrastiveEngine", "ContrastiveTrainer", "Guide", "GuidedInfoNCE", "InfoNCE",
+           "Matryoshka"]
+
+
+def __getattr__(name: str) -> object:
+    # The Trainer integration imports sentence-transformers' trainer (accelerate, datasets): load it on use.
+    if name == "ContrastiveTrainer":
+        from .hf_trainer import ContrastiveTrainer
+
+        return ContrastiveTrainer
+    raise AttributeError(f"module 'ds_contrastive' has no attribute {name!r}")
 __version__ = "0.1.0"

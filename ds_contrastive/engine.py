@@ -21,12 +21,13 @@ import torch
 from .backends import DeepSpeedBackend
 from .batch import tokenizer_settings
 from .chunking import ChunkPlan
-from .distributed import all_gather_objects, init_process_group, world
+from .distributed import init_process_group, world
 from .ds_config import load_ds_config, precision, resolve_ds_config, zero_stage
 from .losses import InfoNCE
 from .matryoshka import Matryoshka
 from .module import EmbeddingModule
-from .step import CachedStep, StepOutput
+from .saving import save_consolidated
+from .step import CachedStep, StepOutput, check_dims
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -110,10 +111,7 @@ class ContrastiveEngine:
         self.step = CachedStep(self.loss, model.tokenizer, max_length, lowercase, chunk_tokens, chunk_rows,
                                anchor_column, positive_column, seed)
 
-        dims = getattr(self.loss, "dims", ())
-        size = model.get_sentence_embedding_dimension() if hasattr(model, "get_sentence_embedding_dimension") else None
-        if size and any(d > size for d in dims):
-            raise ValueError(f"Matryoshka dims {dims} exceed the model's embedding size {size}")
+        check_dims(model, self.loss)
         log_scale = self.loss.initial_log_scale() if self.loss.learnable_temperature else None
         self.module = EmbeddingModule(model, log_scale, self.loss.max_scale)
         opt = None
@@ -183,26 +181,14 @@ class ContrastiveEngine:
         Collective: every rank must call it. Rank 0 writes; a failure there is raised on every rank.
         Under ZeRO-3 every rank gathers the full parameters for the duration of the save.
         """
-        import deepspeed
-
         path = Path(path)
         info = {"temperature": self.temperature(), "global_step": self.global_step}  # collective under ZeRO-3
-        gathered = (
-            deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
-            if self.zero_stage == 3
-            else contextlib.nullcontext()
-        )
-        error = None
-        with gathered:
-            if self.rank == 0:
-                try:
-                    self.module.model.save(str(path))
-                    (path / "ds_contrastive.json").write_text(json.dumps(info, indent=2) + "\n")
-                except Exception as e:  # noqa: BLE001 - re-raised on every rank below
-                    error = f"saving to {path} failed on rank 0: {type(e).__name__}: {e}"
-        error = all_gather_objects(error)[0]  # the other ranks learn of a failure instead of waiting
-        if error:
-            raise OSError(error)
+
+        def write() -> None:
+            self.module.model.save(str(path))
+            (path / "ds_contrastive.json").write_text(json.dumps(info, indent=2) + "\n")
+
+        save_consolidated(list(self.module.parameters()), self.zero_stage == 3, self.rank == 0, write, f"{path} (rank 0)")
 
     def temperature(self) -> float:
         """The current temperature (the learnable one if it is learned)."""

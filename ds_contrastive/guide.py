@@ -11,12 +11,37 @@ budget.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from .batch import tokenize, tokenizer_settings
 from .chunking import plan_chunks
+
+
+@contextlib.contextmanager
+def outside_zero3_init() -> Iterator[None]:
+    """Load a model whole even while a Hugging Face ZeRO-3 config is active.
+
+    Creating ``TrainingArguments(deepspeed=<ZeRO-3 config>)`` makes every later
+    ``from_pretrained`` partition the weights at load time (``zero.Init``): right
+    for the student, wrong for a guide that never enters a DeepSpeed engine.
+    transformers keeps that config in a module-level weak reference; it is
+    cleared for the load and restored after.
+    """
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:
+        yield
+        return
+    saved = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 class Guide:
@@ -32,7 +57,12 @@ class Guide:
         if isinstance(model, (str, Path)):
             from sentence_transformers import SentenceTransformer
 
-            model = SentenceTransformer(str(model), device="cpu", trust_remote_code=False)
+            with outside_zero3_init():
+                model = SentenceTransformer(str(model), device="cpu", trust_remote_code=False)
+        if any(hasattr(p, "ds_id") for p in model.parameters()):
+            raise ValueError(
+                "the guide model was partitioned by DeepSpeed ZeRO-3 when it was loaded (a Hugging Face "
+                "TrainingArguments with a ZeRO-3 config existed): pass the guide's path instead, or load it first")
         self.model = model
         self.chunk_tokens = chunk_tokens
         self.max_length, self.lowercase = tokenizer_settings(model, max_length)

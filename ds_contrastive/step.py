@@ -47,6 +47,14 @@ def by_row(flat: torch.Tensor, rows: int) -> torch.Tensor:
     return flat.view(-1, rows, *flat.shape[1:]).transpose(0, 1).contiguous()
 
 
+def check_dims(model: object, loss: InfoNCE | Matryoshka) -> None:
+    """Refuse Matryoshka sizes larger than the model's embedding."""
+    dims = getattr(loss, "dims", ())
+    size = model.get_sentence_embedding_dimension() if hasattr(model, "get_sentence_embedding_dimension") else None
+    if size and any(d > size for d in dims):
+        raise ValueError(f"Matryoshka dims {dims} exceed the model's embedding size {size}")
+
+
 @dataclass
 class StepOutput:
     """What one step measured, summed over ranks (``times`` are this rank's own)."""

@@ -27,11 +27,18 @@ def job_env() -> dict[str, str]:
     return env
 
 
+LAUNCHERS = {
+    "deepspeed": lambda n: [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n),
+                            "--master_port", str(free_port())],
+    "torchrun": lambda n: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
+                           "--master_port", str(free_port())],
+}
+
+
 def run_deepspeed(script: str | Path, nprocs: int, args: list[str], timeout: float, env: dict | None = None,
-                  cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run ``script`` on ``nprocs`` CPU ranks under the deepspeed launcher; fail loudly with its output."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs),
-           "--master_port", str(free_port()), str(script), *args]
+                  cwd: Path | None = None, launcher: str = "deepspeed") -> subprocess.CompletedProcess:
+    """Run ``script`` on ``nprocs`` CPU ranks under ``launcher`` (deepspeed or torchrun); fail loudly with its output."""
+    cmd = [*LAUNCHERS[launcher](nprocs), str(script), *args]
     proc = subprocess.Popen(cmd, env=env or job_env(), cwd=cwd or ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -48,9 +55,9 @@ def run_deepspeed(script: str | Path, nprocs: int, args: list[str], timeout: flo
 
 
 def run_worker(name: str, nprocs: int, model_dir: Path, out_dir: Path, extra: list[str] = (),
-               timeout: float = 600) -> object:
+               timeout: float = 600, launcher: str = "deepspeed") -> object:
     """Run ``tests/workers/NAME.py`` on ``nprocs`` ranks and return the JSON report rank 0 wrote."""
     out = Path(out_dir) / f"{name}.json"
     run_deepspeed(ROOT / f"tests/workers/{name}.py", nprocs,
-                  ["--model", str(model_dir), "--out", str(out), *extra], timeout=timeout)
+                  ["--model", str(model_dir), "--out", str(out), *extra], timeout=timeout, launcher=launcher)
     return json.loads(out.read_text())

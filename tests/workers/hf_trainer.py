@@ -1,0 +1,167 @@
+"""Worker for tests/test_hf_trainer.py: one ContrastiveTrainer step vs the core engine vs the reference.
+
+Run on 2 ranks under the deepspeed launcher (``--stage N``: the Trainer gets a
+ZeRO-N DeepSpeed config) or under torchrun (``--stage -1``: no DeepSpeed, the
+Trainer wraps the model in DDP). Every rank:
+
+1. trains one optimizer step with ContrastiveTrainer (SGD, constant lr,
+   gradient clipping 0, fp32, dropout on) on a 12-row dataset, i.e. the
+   whole dataset is the global batch, and records the shard it was given;
+2. saves with ``trainer.save_model()`` and embeds texts with the in-memory model;
+3. runs one ContrastiveEngine step (DeepSpeed, same ZeRO stage; ZeRO-2 for
+   the DDP run) on the same shard, from the same initial weights.
+
+Rank 0 reloads the saved model with ``SentenceTransformer(path)`` and runs the
+single-process full-batch reference on the global batch in rank order, then
+writes the relative differences to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+
+import torch
+
+PER_DEVICE, NEGATIVES, SEED, LR, MAX_LEN, CHUNK_TOKENS = 6, 1, 11, 0.1, 64, 120
+
+
+def global_batch(rows: int) -> dict[str, list[str]]:
+    from helpers import corpus
+
+    batch = corpus(rows, NEGATIVES, seed=5)
+    batch["positive"][7] = batch["positive"][2]  # a duplicate positive, on the other rank
+    return batch
+
+
+def flat_params(module: torch.nn.Module, zero3: bool) -> dict[str, torch.Tensor]:
+    import deepspeed
+
+    params = list(module.named_parameters())
+    ctx = deepspeed.zero.GatheredParameters([p for _, p in params]) if zero3 else contextlib.nullcontext()
+    with ctx:
+        return {n.removeprefix("model."): p.detach().float().clone() for n, p in params}
+
+
+def rel(a: dict, b: dict, base: dict | None = None) -> float:
+    num = sum(((a[k] - b[k]) ** 2).sum() for k in b) ** 0.5
+    den = sum(((b[k] - (base[k] if base else 0)) ** 2).sum() for k in b) ** 0.5
+    return float(num / den)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--stage", type=int, required=True)
+    parser.add_argument("--local_rank", type=int, default=0)
+    args = parser.parse_args()
+    from datasets import Dataset
+    from helpers import load_model
+    from reference import param_groups, reference_embeddings, reference_loss, zero_fill_grads
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainingArguments
+
+    import ds_contrastive as dc
+    from ds_contrastive.distributed import all_gather_objects, world
+    from ds_contrastive.guide import outside_zero3_init
+
+    size = int(os.environ["WORLD_SIZE"])
+    # DeepSpeed gives a parameter without gradient (BERT's pooler under mean pooling) a zero gradient, so
+    # weight decay reaches it; DDP leaves its grad None and torch optimizers skip it. Both are the same
+    # step; only decay tells them apart, so the DDP run compares without it.
+    weight_decay = 0.01 if args.stage >= 0 else 0.0
+    batch = global_batch(PER_DEVICE * size)
+    # Every model is loaded before the TrainingArguments exist: a ZeRO-3 config there would partition them at load.
+    trainer_model, engine_model, ref_model = (load_model(args.model) for _ in range(3))
+    initial = {n: p.detach().clone() for n, p in ref_model.named_parameters()}
+
+    ds_config = None
+    if args.stage >= 0:
+        ds_config = {"zero_optimization": {"stage": args.stage, "reduce_bucket_size": 10**8},
+                     "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+                     "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+                     "zero_allow_untested_optimizer": True}
+    out_dir = os.path.join(os.path.dirname(args.out), f"trainer-{args.stage}")
+    training_args = SentenceTransformerTrainingArguments(
+        output_dir=out_dir, per_device_train_batch_size=PER_DEVICE, max_steps=1, learning_rate=LR, optim="sgd",
+        lr_scheduler_type="constant", weight_decay=weight_decay, max_grad_norm=0.0, seed=SEED, deepspeed=ds_config,
+        report_to="none", logging_steps=1, save_strategy="no", disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available())  # on a CPU-only host accelerate otherwise counts one process
+
+    class Recording(dc.ContrastiveTrainer):
+        """Keeps the shard each training step received."""
+
+        shards: list[dict[str, list[str]]] = []
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            self.shards.append({k: list(v) for k, v in inputs.items()})
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    trainer = Recording(model=trainer_model, args=training_args, train_dataset=Dataset.from_dict(batch),
+                        loss=dc.InfoNCE(temperature=0.05), chunk_tokens=CHUNK_TOKENS, max_length=MAX_LEN)
+    trainer.train()
+    rank = world()[0]
+    zero3 = args.stage == 3
+    shard = trainer.shards[0]
+    shards = all_gather_objects(shard)
+    got_trainer = flat_params(trainer.model, zero3)
+    logged = next(h for h in trainer.state.log_history if "loss" in h)
+
+    # save_model, then the same texts through the in-memory model (collective under ZeRO-3) and the saved one
+    save_dir = os.path.join(out_dir, "saved")
+    trainer.save_model(save_dir)
+    probe = batch["anchor"] + batch["positive"]
+    trainer.model.eval()
+    with torch.no_grad():
+        in_memory = trainer.model.encode(probe, convert_to_tensor=True, batch_size=8).float()
+
+    engine = dc.ContrastiveEngine(
+        engine_model, dc.InfoNCE(temperature=0.05),
+        ds_config={"zero_optimization": {"stage": max(args.stage, 0) if args.stage >= 0 else 2},
+                   "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True},
+        chunk_tokens=CHUNK_TOKENS, optimizer=lambda groups: torch.optim.SGD(groups, lr=LR),
+        weight_decay=weight_decay, seed=SEED, max_length=MAX_LEN)
+    metrics = engine.train_step(shard)
+    plans = all_gather_objects([(list(c.indices), c.dummy) for c in engine.last_plan.chunks])
+    got_engine = flat_params(engine.module, engine.zero_stage == 3)
+    if rank != 0:
+        return
+
+    with outside_zero3_init():  # a load on rank 0 alone must not enter ZeRO-3's collective zero.Init
+        loaded = SentenceTransformer(save_dir, device="cpu").encode(probe, convert_to_tensor=True, batch_size=8)
+    texts = [[t for s in shards for t in s[col]] for col in shard]
+    ref_model.train()
+    params = [(f"model.{n}", p) for n, p in ref_model.named_parameters()]
+    opt = torch.optim.SGD(param_groups(params, weight_decay), lr=LR)
+    emb = reference_embeddings(ref_model, ref_model.tokenizer, [list(s.values()) for s in shards], plans, SEED, 0,
+                               MAX_LEN)
+    ref_loss = reference_loss(emb, texts, torch.tensor(20.0), ("query_to_doc",), True)
+    ref_loss.backward()
+    zero_fill_grads(params)
+    ref_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for _, p in params])))
+    opt.step()
+    want = {n.removeprefix("model."): p.detach().clone() for n, p in params}
+    report = {
+        "rows_per_rank": [len(s["anchor"]) for s in shards],
+        "distinct_rows": len(set(texts[0])),
+        "trainer_vs_reference": rel(got_trainer, want),
+        "trainer_update_vs_reference": rel(got_trainer, want, initial),
+        "trainer_vs_engine": rel(got_trainer, got_engine),
+        "engine_vs_reference": rel(got_engine, want),
+        "loss": {"trainer": logged["loss"], "engine": metrics["loss"], "reference": float(ref_loss)},
+        "grad_norm": {"trainer": logged.get("grad_norm"), "reference": ref_norm},
+        "logged_keys": sorted(logged),
+        "chunks_per_rank": logged["chunks"],
+        "saved_vs_in_memory": float((loaded.float() - in_memory).norm() / in_memory.norm()),
+        "trained": rel(got_trainer, initial),
+    }
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    shutil.rmtree(out_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
