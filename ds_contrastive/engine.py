@@ -53,6 +53,12 @@ def throughput(out: StepOutput, seconds: float) -> dict[str, float]:
     }
 
 
+def grad_norm(module: torch.nn.Module) -> float:
+    """L2 norm of a module's (already reduced, unpartitioned) gradients: what ZeRO-0 does not report."""
+    grads = [p.grad.float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+
+
 def peak_memory_gb(device: torch.device) -> float:
     """Peak accelerator memory of this process (CPU: peak resident set size), GiB."""
     if device.type == "cuda":
@@ -153,7 +159,7 @@ class ContrastiveEngine:
         self.last_plan = out.plan
         t_step = time.perf_counter()
         # DeepSpeed reports the gradient norm only for its own optimizers (ZeRO 1-3, bf16 wrapper).
-        own_norm = self._grad_norm() if self.zero_stage == 0 else None
+        own_norm = grad_norm(self.module) if self.zero_stage == 0 else None
         self.engine.step()
         self.global_step += 1
         end = time.perf_counter()
@@ -167,11 +173,6 @@ class ContrastiveEngine:
             "time_optimizer": end - t_step,
             "peak_memory_gb": peak_memory_gb(self.device),
         }
-
-    def _grad_norm(self) -> float:
-        """L2 norm of the (already all-reduced) gradients of a ZeRO-0 engine."""
-        grads = [p.grad.float().norm() for p in self.module.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
 
     # --- saving ---------------------------------------------------------------------
 

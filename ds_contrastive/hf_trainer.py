@@ -32,7 +32,7 @@ from torch import nn
 
 from .backends import Backend, DeepSpeedBackend, TorchBackend, sentence_embedding
 from .batch import tokenizer_settings
-from .engine import peak_memory_gb, throughput
+from .engine import grad_norm, peak_memory_gb, throughput
 from .losses import InfoNCE
 from .matryoshka import Matryoshka
 from .saving import save_consolidated
@@ -139,10 +139,11 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
         check_arguments(self.args)
         anchor, positive = columns[0][:2] if columns else ("anchor", "positive")
         length, lowercase = tokenizer_settings(model, max_length)
-        self.step = CachedStep(objective, model.tokenizer, length, lowercase, chunk_tokens, chunk_rows,
+        self.cached_step = CachedStep(objective, model.tokenizer, length, lowercase, chunk_tokens, chunk_rows,
                                anchor, positive, self.args.seed)
-        if self.step.guide is not None:
-            self.step.guide.to(self.args.device)
+        if self.cached_step.guide is not None:
+            self.cached_step.guide.to(self.args.device)
+        self.zero0_grad_norm: float | None = None
 
     def backend(self, model: nn.Module) -> Backend:
         """How the step reaches ``model``: the DeepSpeed engine, or the (DDP-wrapped) module."""
@@ -155,9 +156,11 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
         model.train()
         t0 = time.perf_counter()
         backend = self.backend(model)
-        out = self.step.forward_backward(inputs, backend, self.state.global_step)
+        out = self.cached_step.forward_backward(inputs, backend, self.state.global_step)
         t1 = time.perf_counter()
         if isinstance(backend, DeepSpeedBackend):
+            # DeepSpeed reports no gradient norm at ZeRO-0; measured before step() zeroes the gradients.
+            self.zero0_grad_norm = grad_norm(model.module) if model.zero_optimization_stage() == 0 else None
             model.step()  # what accelerator.backward does at a boundary; the Trainer's step is a no-op here
         t2 = time.perf_counter()
         metrics = {**out.metrics, "temperature": 1.0 / out.scale, **throughput(out, t2 - t0), **out.times,
@@ -167,6 +170,12 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
         self.track_loss_components({k: torch.tensor(float(v), device=backend.device)
                                     for k, v in metrics.items() if k != "loss"})
         return torch.tensor(out.metrics["loss"], device=backend.device)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The Trainer's log, with the gradient norm DeepSpeed leaves out at ZeRO-0."""
+        if "loss" in logs and logs.get("grad_norm") is None and self.zero0_grad_norm is not None:
+            logs = {**logs, "grad_norm": self.zero0_grad_norm}
+        super().log(logs, start_time)
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> torch.Tensor | tuple[torch.Tensor, dict]:
@@ -179,7 +188,7 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
         """
         backend = self.backend(model)
         with torch.enable_grad():
-            out = self.step.evaluate(inputs, backend, self.state.global_step)
+            out = self.cached_step.evaluate(inputs, backend, self.state.global_step)
         self.track_loss_components({k: torch.tensor(float(v), device=backend.device)
                                     for k, v in out.metrics.items() if k != "loss"})
         loss = torch.tensor(out.metrics["loss"], device=backend.device)

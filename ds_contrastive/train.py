@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,6 +22,9 @@ from .guided import GuidedInfoNCE
 from .losses import InfoNCE
 from .matryoshka import Matryoshka
 from .train_config import BUILTIN_DATA, BUILTIN_MODEL, TrainConfig, argument_parser, load_train_config
+
+if TYPE_CHECKING:
+    from .train_hf import ContrastiveArguments
 
 
 def resolve_model_path(name: str) -> str:
@@ -94,9 +97,13 @@ def check_same_data(data: dict[str, list[str]]) -> None:
         raise ValueError(f"ranks read different training data ({rows}); give every rank the same files")
 
 
-def build_loss(cfg: TrainConfig) -> InfoNCE | Matryoshka:
-    """InfoNCE, GuidedInfoNCE when a guide is configured, wrapped in Matryoshka when dims are given."""
-    common = dict(temperature=cfg.temperature, learnable_temperature=cfg.learnable_temperature,
+def build_loss(cfg: TrainConfig | ContrastiveArguments) -> InfoNCE | Matryoshka:
+    """InfoNCE, GuidedInfoNCE when a guide is configured, wrapped in Matryoshka when dims are given.
+
+    Takes launch/train.py's TrainConfig or launch/train_hf.py's ContrastiveArguments (same loss fields;
+    the Trainer's has no learnable temperature).
+    """
+    common = dict(temperature=cfg.temperature, learnable_temperature=getattr(cfg, "learnable_temperature", False),
                   min_temperature=cfg.min_temperature, directions=tuple(cfg.directions), partition=cfg.partition,
                   similarity=cfg.similarity, mask_duplicates=cfg.mask_duplicates)
     if cfg.guide is None:

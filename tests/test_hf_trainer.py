@@ -4,7 +4,7 @@ Two ranks, fp32, dropout on, SGD with gradient clipping 0, a 12-row global
 batch with a duplicate positive across ranks, several chunks per rank: one
 optimizer step through the Trainer against the core engine's step on the same
 shards and the single-process full-batch reference. Under the deepspeed
-launcher with ZeRO 2 and 3, and under torchrun with DDP (no DeepSpeed).
+launcher with ZeRO 0, 1, 2 and 3, and under torchrun with DDP (no DeepSpeed).
 Then ``trainer.save_model()`` and ``SentenceTransformer(path)`` embed like the
 in-memory model (ZeRO-3: consolidated weights, not each rank's slice).
 """
@@ -13,7 +13,8 @@ import pytest
 
 from launch import run_worker
 
-CASES = {"zero2": ("deepspeed", 2), "zero3": ("deepspeed", 3), "ddp": ("torchrun", -1)}
+CASES = {"zero0": ("deepspeed", 0), "zero1": ("deepspeed", 1), "zero2": ("deepspeed", 2), "zero3": ("deepspeed", 3),
+         "ddp": ("torchrun", -1)}
 
 
 @pytest.mark.parametrize("case", list(CASES))
