@@ -28,17 +28,22 @@ def job_env() -> dict[str, str]:
 
 
 LAUNCHERS = {
+    "python": lambda n: [sys.executable],  # one process, no launcher
     "deepspeed": lambda n: [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n),
                             "--master_port", str(free_port())],
     "torchrun": lambda n: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
                            "--master_port", str(free_port())],
+    "accelerate": lambda n: [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n),
+                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                             "--main_process_port", str(free_port())],
 }
 
 
 def run_deepspeed(script: str | Path, nprocs: int, args: list[str], timeout: float, env: dict | None = None,
-                  cwd: Path | None = None, launcher: str = "deepspeed") -> subprocess.CompletedProcess:
-    """Run ``script`` on ``nprocs`` CPU ranks under ``launcher`` (deepspeed or torchrun); fail loudly with its output."""
-    cmd = [*LAUNCHERS[launcher](nprocs), str(script), *args]
+                  cwd: Path | None = None, launcher: str = "deepspeed", launcher_args: list[str] = ()
+                  ) -> subprocess.CompletedProcess:
+    """Run ``script`` on ``nprocs`` CPU ranks under ``launcher`` (see LAUNCHERS); fail loudly with its output."""
+    cmd = [*LAUNCHERS[launcher](nprocs), *launcher_args, str(script), *args]
     proc = subprocess.Popen(cmd, env=env or job_env(), cwd=cwd or ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -55,9 +60,10 @@ def run_deepspeed(script: str | Path, nprocs: int, args: list[str], timeout: flo
 
 
 def run_worker(name: str, nprocs: int, model_dir: Path, out_dir: Path, extra: list[str] = (),
-               timeout: float = 600, launcher: str = "deepspeed") -> object:
+               timeout: float = 600, launcher: str = "deepspeed", launcher_args: list[str] = ()) -> object:
     """Run ``tests/workers/NAME.py`` on ``nprocs`` ranks and return the JSON report rank 0 wrote."""
     out = Path(out_dir) / f"{name}.json"
     run_deepspeed(ROOT / f"tests/workers/{name}.py", nprocs,
-                  ["--model", str(model_dir), "--out", str(out), *extra], timeout=timeout, launcher=launcher)
+                  ["--model", str(model_dir), "--out", str(out), *extra], timeout=timeout, launcher=launcher,
+                  launcher_args=launcher_args)
     return json.loads(out.read_text())

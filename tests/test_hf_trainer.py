@@ -4,25 +4,38 @@ Two ranks, fp32, dropout on, SGD with gradient clipping 0, a 12-row global
 batch with a duplicate positive across ranks, several chunks per rank: one
 optimizer step through the Trainer against the core engine's step on the same
 shards and the single-process full-batch reference. Under the deepspeed
-launcher with ZeRO 0, 1, 2 and 3, and under torchrun with DDP (no DeepSpeed).
+launcher with ZeRO 0, 1, 2 and 3, under ``accelerate launch --use_deepspeed`` (ZeRO-2), under torchrun with DDP (no DeepSpeed), and in one plain process.
 Then ``trainer.save_model()`` and ``SentenceTransformer(path)`` embed like the
 in-memory model (ZeRO-3: consolidated weights, not each rank's slice).
 """
+
+import json
 
 import pytest
 
 from launch import run_worker
 
 CASES = {"zero0": ("deepspeed", 0), "zero1": ("deepspeed", 1), "zero2": ("deepspeed", 2), "zero3": ("deepspeed", 3),
-         "ddp": ("torchrun", -1)}
+         "ddp": ("torchrun", -1), "accelerate_zero2": ("accelerate", 2), "one_process": ("python", -1)}
+ACCELERATE_DS_CONFIG = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
+                        "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
+                        "gradient_clipping": "auto", "zero_allow_untested_optimizer": True}
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_trainer_step_equals_engine_and_reference(case, tiny_model_dir, tmp_path):
     launcher, stage = CASES[case]
-    r = run_worker("hf_trainer", 2, tiny_model_dir, tmp_path, ["--stage", str(stage)], timeout=600,
-                   launcher=launcher)
-    assert r["rows_per_rank"] == [6, 6] and r["distinct_rows"] == 12, r  # the whole dataset was one global batch
+    extra, launcher_args = ["--stage", str(stage)], []
+    if launcher == "accelerate":  # DeepSpeed set up by `accelerate launch --use_deepspeed`, not by the arguments
+        (tmp_path / "ds.json").write_text(json.dumps(ACCELERATE_DS_CONFIG))
+        extra.append("--ds_from_launcher")
+        launcher_args = ["--use_deepspeed", "--deepspeed_config_file", str(tmp_path / "ds.json")]
+    ranks = 1 if launcher == "python" else 2
+    r = run_worker("hf_trainer", ranks, tiny_model_dir, tmp_path, extra, timeout=600, launcher=launcher,
+                   launcher_args=launcher_args)
+    expected = "DeepSpeedBackend" if stage >= 0 else "TorchBackend(DDP)" if ranks > 1 else "TorchBackend"
+    assert r["backend"] == expected, r
+    assert r["rows_per_rank"] == [6] * ranks and r["distinct_rows"] == 6 * ranks, r  # the dataset was one batch
     assert r["chunks_per_rank"] > 1, r
     assert r["trained"] > 1e-3, r  # the step moved the weights
     assert r["trainer_vs_engine"] < 1e-5, r

@@ -33,7 +33,7 @@ def global_batch(rows: int) -> dict[str, list[str]]:
     from helpers import corpus
 
     batch = corpus(rows, NEGATIVES, seed=5)
-    batch["positive"][7] = batch["positive"][2]  # a duplicate positive, on the other rank
+    batch["positive"][rows - 1] = batch["positive"][2]  # a duplicate positive (on the other rank with 2 ranks)
     return batch
 
 
@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--stage", type=int, required=True)
     parser.add_argument("--local_rank", type=int, default=0)
+    parser.add_argument("--ds_from_launcher", action="store_true",
+                        help="DeepSpeed configured by `accelerate launch --use_deepspeed`, not by the arguments")
     args = parser.parse_args()
     from datasets import Dataset
     from helpers import load_model
@@ -68,7 +70,7 @@ def main() -> None:
     from ds_contrastive.distributed import all_gather_objects, world
     from ds_contrastive.guide import outside_zero3_init
 
-    size = int(os.environ["WORLD_SIZE"])
+    size = int(os.environ.get("WORLD_SIZE", "1"))
     # DeepSpeed gives a parameter without gradient (BERT's pooler under mean pooling) a zero gradient, so
     # weight decay reaches it; DDP leaves its grad None and torch optimizers skip it. Both are the same
     # step; only decay tells them apart, so the DDP run compares without it.
@@ -79,7 +81,7 @@ def main() -> None:
     initial = {n: p.detach().clone() for n, p in ref_model.named_parameters()}
 
     ds_config = None
-    if args.stage >= 0:
+    if args.stage >= 0 and not args.ds_from_launcher:
         ds_config = {"zero_optimization": {"stage": args.stage, "reduce_bucket_size": 10**8},
                      "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
                      "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
@@ -109,6 +111,8 @@ def main() -> None:
     shards = all_gather_objects(shard)
     got_trainer = flat_params(trainer.model, zero3)
     logged = next(h for h in trainer.state.log_history if "loss" in h)
+    backend = trainer.backend(trainer.model_wrapped)
+    backend_name = type(backend).__name__ + ("(DDP)" if getattr(backend, "ddp", False) else "")
 
     # save_model, then the same texts through the in-memory model (collective under ZeRO-3) and the saved one
     save_dir = os.path.join(out_dir, "saved")
@@ -145,6 +149,7 @@ def main() -> None:
     opt.step()
     want = {n.removeprefix("model."): p.detach().clone() for n, p in params}
     report = {
+        "backend": backend_name,
         "rows_per_rank": [len(s["anchor"]) for s in shards],
         "distinct_rows": len(set(texts[0])),
         "trainer_vs_reference": rel(got_trainer, want),
