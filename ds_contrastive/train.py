@@ -103,9 +103,9 @@ def build_loss(cfg: TrainConfig | ContrastiveArguments) -> InfoNCE | Matryoshka:
     Takes launch/train.py's TrainConfig or launch/train_hf.py's ContrastiveArguments (same loss fields;
     the Trainer's has no learnable temperature).
     """
-    common = dict(temperature=cfg.temperature, learnable_temperature=getattr(cfg, "learnable_temperature", False),
-                  min_temperature=cfg.min_temperature, directions=tuple(cfg.directions), partition=cfg.partition,
-                  similarity=cfg.similarity, mask_duplicates=cfg.mask_duplicates)
+    common = {"temperature": cfg.temperature, "learnable_temperature": getattr(cfg, "learnable_temperature", False),
+              "min_temperature": cfg.min_temperature, "directions": tuple(cfg.directions), "partition": cfg.partition,
+              "similarity": cfg.similarity, "mask_duplicates": cfg.mask_duplicates}
     if cfg.guide is None:
         loss = InfoNCE(**common)
     else:

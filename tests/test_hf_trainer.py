@@ -37,6 +37,9 @@ def test_trainer_step_equals_engine_and_reference(case, tiny_model_dir, tmp_path
     assert r["backend"] == expected, r
     assert r["rows_per_rank"] == [6] * ranks and r["distinct_rows"] == 6 * ranks, r  # the dataset was one batch
     assert r["chunks_per_rank"] > 1, r
+    if expected == "TorchBackend(DDP)":  # one reduction, in the last chunk's backward; none before
+        calls = r["ddp_reductions_per_chunk"]
+        assert len(calls) == r["chunks_per_rank"] and calls[-1] > 0 and not any(calls[:-1]), calls
     assert r["trained"] > 1e-3, r  # the step moved the weights
     assert r["trainer_vs_engine"] < 1e-5, r
     assert r["trainer_vs_reference"] < 1e-5, r

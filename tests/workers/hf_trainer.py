@@ -19,10 +19,10 @@ writes the relative differences to --out.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
+from typing import ClassVar
 
 import torch
 
@@ -37,21 +37,6 @@ def global_batch(rows: int) -> dict[str, list[str]]:
     return batch
 
 
-def flat_params(module: torch.nn.Module, zero3: bool) -> dict[str, torch.Tensor]:
-    import deepspeed
-
-    params = list(module.named_parameters())
-    ctx = deepspeed.zero.GatheredParameters([p for _, p in params]) if zero3 else contextlib.nullcontext()
-    with ctx:
-        return {n.removeprefix("model."): p.detach().float().clone() for n, p in params}
-
-
-def rel(a: dict, b: dict, base: dict | None = None) -> float:
-    num = sum(((a[k] - b[k]) ** 2).sum() for k in b) ** 0.5
-    den = sum(((b[k] - (base[k] if base else 0)) ** 2).sum() for k in b) ** 0.5
-    return float(num / den)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
@@ -62,6 +47,7 @@ def main() -> None:
                         help="DeepSpeed configured by `accelerate launch --use_deepspeed`, not by the arguments")
     args = parser.parse_args()
     from datasets import Dataset
+    from exactness import flat_params, rel
     from helpers import load_model
     from reference import param_groups, reference_embeddings, reference_loss, zero_fill_grads
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainingArguments
@@ -93,23 +79,41 @@ def main() -> None:
         report_to="none", logging_steps=1, save_strategy="no", disable_tqdm=True,
         use_cpu=not torch.cuda.is_available())  # on a CPU-only host accelerate otherwise counts one process
 
-    class Recording(dc.ContrastiveTrainer):
-        """Keeps the shard each training step received."""
+    reductions: list[int] = []  # DDP: gradient all-reduces (bucket hook calls) during each chunk's backward
 
-        shards: list[dict[str, list[str]]] = []
+    def counting_allreduce(state, bucket):
+        reductions[-1] += 1
+        return torch.distributed.algorithms.ddp_comm_hooks.default_hooks.allreduce_hook(None, bucket)
+
+    class Recording(dc.ContrastiveTrainer):
+        """Keeps the shard each training step received; under DDP counts reductions per chunk."""
+
+        shards: ClassVar[list[dict[str, list[str]]]] = []
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             self.shards.append({k: list(v) for k, v in inputs.items()})
+            if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not self.shards[1:]:
+                model.register_comm_hook(None, counting_allreduce)
             return super().training_step(model, inputs, num_items_in_batch)
+
+        def backend(self, model):
+            backend = super().backend(model)
+            backward = backend.backward
+
+            def counted(loss):
+                reductions.append(0)
+                backward(loss)
+
+            backend.backward = counted
+            return backend
 
     trainer = Recording(model=trainer_model, args=training_args, train_dataset=Dataset.from_dict(batch),
                         loss=dc.InfoNCE(temperature=0.05), chunk_tokens=CHUNK_TOKENS, max_length=MAX_LEN)
     trainer.train()
     rank = world()[0]
-    zero3 = args.stage == 3
     shard = trainer.shards[0]
     shards = all_gather_objects(shard)
-    got_trainer = flat_params(trainer.model, zero3)
+    got_trainer = flat_params(trainer.model, args.stage)
     logged = next(h for h in trainer.state.log_history if "loss" in h)
     backend = trainer.backend(trainer.model_wrapped)
     backend_name = type(backend).__name__ + ("(DDP)" if getattr(backend, "ddp", False) else "")
@@ -130,7 +134,7 @@ def main() -> None:
         weight_decay=weight_decay, seed=SEED, max_length=MAX_LEN)
     metrics = engine.train_step(shard)
     plans = all_gather_objects([(list(c.indices), c.dummy) for c in engine.last_plan.chunks])
-    got_engine = flat_params(engine.module, engine.zero_stage == 3)
+    got_engine = flat_params(engine.module, engine.zero_stage)
     if rank != 0:
         return
 
@@ -150,6 +154,7 @@ def main() -> None:
     want = {n.removeprefix("model."): p.detach().clone() for n, p in params}
     report = {
         "backend": backend_name,
+        "ddp_reductions_per_chunk": reductions,
         "rows_per_rank": [len(s["anchor"]) for s in shards],
         "distinct_rows": len(set(texts[0])),
         "trainer_vs_reference": rel(got_trainer, want),

@@ -1,0 +1,55 @@
+"""ContrastiveTrainer refuses what its exact step cannot honour, with a message naming the problem."""
+
+import pytest
+import torch
+from datasets import Dataset, DatasetDict
+from helpers import load_model
+from sentence_transformers import SentenceTransformerTrainingArguments
+
+import ds_contrastive as dc
+from ds_contrastive.hf_trainer import ContrastiveObjective, RawTextCollator
+
+DATA = {"anchor": ["a question", "another question"], "positive": ["an answer", "another answer"]}
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return load_model(tiny_model_dir)
+
+
+def args(tmp_path, **kwargs):
+    return SentenceTransformerTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, data, message", [
+    ({"loss": dc.InfoNCE(learnable_temperature=True)}, DATA, "fixed temperature"),
+    ({"args": {"gradient_accumulation_steps": 4}}, DATA, "gradient_accumulation_steps=4"),
+    ({}, {**DATA, "label": [1.0, 0.0]}, "column(s) ['label']"),
+    ({}, {"anchor": ["only one column"]}, "needs an anchor and a positive column"),
+    ({"data_collator": RawTextCollator()}, DATA, "do not pass data_collator"),
+    ({"loss": dc.Matryoshka(dc.InfoNCE(), dims=(64, 16))}, DATA, "exceed the model's embedding size 32"),
+])
+def test_refusals(model, tmp_path, kwargs, data, message):
+    kwargs = dict(kwargs)
+    training_args = args(tmp_path, **kwargs.pop("args", {}))
+    with pytest.raises(ValueError) as err:
+        dc.ContrastiveTrainer(model=model, args=training_args, train_dataset=Dataset.from_dict(data), **kwargs)
+    assert message in str(err.value)
+
+
+def test_dataset_dict_is_refused(model, tmp_path):
+    datasets = DatasetDict({"a": Dataset.from_dict(DATA), "b": Dataset.from_dict(DATA)})
+    with pytest.raises(TypeError, match="one dataset"):
+        dc.ContrastiveTrainer(model=model, args=args(tmp_path), train_dataset=datasets)
+
+
+def test_collator_keeps_raw_strings_and_applies_prompts():
+    rows = [{"anchor": "q1", "positive": "d1"}, {"anchor": "q2", "positive": 3}]
+    assert RawTextCollator()(rows) == {"anchor": ["q1", "q2"], "positive": ["d1", 3]}  # the step rejects the 3
+    assert RawTextCollator({"anchor": "query: "})(rows)["anchor"] == ["query: q1", "query: q2"]
+    assert RawTextCollator("x ")(rows)["positive"] == ["x d1", 3]
+
+
+def test_objective_is_not_called_directly(model):
+    with pytest.raises(RuntimeError, match="ContrastiveTrainer"):
+        ContrastiveObjective(model, dc.InfoNCE())([{"input_ids": torch.zeros(1, 2, dtype=torch.long)}], None)
