@@ -53,3 +53,24 @@ def test_collator_keeps_raw_strings_and_applies_prompts():
 def test_objective_is_not_called_directly(model):
     with pytest.raises(RuntimeError, match="ContrastiveTrainer"):
         ContrastiveObjective(model, dc.InfoNCE())([{"input_ids": torch.zeros(1, 2, dtype=torch.long)}], None)
+
+
+def test_eval_loss_is_the_objective_of_the_eval_batch(tiny_model_dir, tmp_path):
+    """One process, no DeepSpeed: ``evaluate()`` on an eval_dataset gives the objective's loss and accuracy."""
+    from helpers import corpus
+    from reference import reference_loss
+
+    model = load_model(tiny_model_dir)
+    data = corpus(10, 1, seed=9)
+    training_args = args(tmp_path, per_device_eval_batch_size=10)
+    trainer = dc.ContrastiveTrainer(model=model, args=training_args, train_dataset=Dataset.from_dict(data),
+                                    eval_dataset=Dataset.from_dict(data), loss=dc.InfoNCE(temperature=0.05),
+                                    chunk_tokens=100, max_length=64)
+    metrics = trainer.evaluate()
+    model.eval()
+    with torch.no_grad():
+        emb = torch.stack([model.encode(col, convert_to_tensor=True) for col in data.values()], dim=1)
+    want = float(reference_loss(emb, list(data.values()), torch.tensor(20.0), ("query_to_doc",), True))
+    assert abs(metrics["eval_loss"] - want) < 1e-4, (metrics, want)
+    logged = trainer.state.log_history[-1]  # the objective's other metrics are logged beside eval_loss
+    assert logged["eval_loss"] == metrics["eval_loss"] and 0 <= logged["eval_accuracy"] <= 1, logged
