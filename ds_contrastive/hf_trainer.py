@@ -140,7 +140,7 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
         anchor, positive = columns[0][:2] if columns else ("anchor", "positive")
         length, lowercase = tokenizer_settings(model, max_length)
         self.cached_step = CachedStep(objective, model.tokenizer, length, lowercase, chunk_tokens, chunk_rows,
-                               anchor, positive, self.args.seed)
+                                      anchor, positive, self.args.seed)
         if self.cached_step.guide is not None:
             self.cached_step.guide.to(self.args.device)
         self.zero0_grad_norm: float | None = None

@@ -17,3 +17,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from helpers import tiny_bert_dir
 
     return tiny_bert_dir(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def remove_own_shm_buffers():
+    """In-process one-rank process groups leave DeepSpeed's /dev/shm buffers too; remove ours at the end."""
+    yield
+    from launch import remove_shm_buffers
+
+    if "MASTER_PORT" in os.environ:
+        remove_shm_buffers(os.environ["MASTER_PORT"])

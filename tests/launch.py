@@ -27,6 +27,26 @@ def job_env() -> dict[str, str]:
     return env
 
 
+SHM = Path("/dev/shm")
+
+
+def remove_shm_buffers(port: str) -> None:
+    """Delete the shared-memory buffers DeepSpeed's CPU comm op left for the job on ``port``.
+
+    DeepSpeed never unlinks them (69 MB per rank and port, in RAM-backed /dev/shm): a test suite of
+    a hundred jobs would otherwise leave gigabytes behind and later jobs abort for lack of memory.
+    """
+    for path in SHM.glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        path.unlink(missing_ok=True)
+
+
+def master_port(cmd: list[str]) -> str | None:
+    for flag in ("--master_port", "--main_process_port"):
+        if flag in cmd:
+            return cmd[cmd.index(flag) + 1]
+    return None
+
+
 LAUNCHERS = {
     "python": lambda n: [sys.executable],  # one process, no launcher
     "deepspeed": lambda n: [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n),
@@ -52,6 +72,9 @@ def run_deepspeed(script: str | Path, nprocs: int, args: list[str], timeout: flo
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank it started
         out, _ = proc.communicate()
         raise AssertionError(f"{' '.join(cmd)} ran past {timeout}s:\n{out[-8000:]}")
+    finally:
+        if master_port(cmd):
+            remove_shm_buffers(master_port(cmd))
     proc = subprocess.CompletedProcess(cmd, proc.returncode, out, "")
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-8000:]
