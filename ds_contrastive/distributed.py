@@ -100,3 +100,16 @@ def sum_scalars(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def shutdown() -> None:
+    """Leave the process group together: wait for every rank, then destroy the group.
+
+    A rank that exits while another still works (rank 0 evaluating or
+    writing after training) tears down its gloo connections under the
+    other's feet; on the CPU that was seen to abort the exiting rank
+    ("terminate called without an active exception"), failing the job.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

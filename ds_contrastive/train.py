@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .data import GlobalBatches, load_pairs
-from .distributed import all_gather_objects, init_process_group, world
+from .distributed import all_gather_objects, init_process_group, shutdown, world
 from .ds_config import load_ds_config
 from .engine import ContrastiveEngine
 from .guided import GuidedInfoNCE
@@ -216,6 +216,7 @@ def train(cfg: TrainConfig, ds_config_path: str) -> dict[str, Any]:
         (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"saved {cfg.output_dir} after {total_steps} steps in {summary['wall_seconds']:.0f} s", flush=True)
     tracker.finish()
+    shutdown()
     return summary
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .distributed import shutdown
 from .train import build_loss, load_eval_data, load_model, load_train_data
 from .train_config import BUILTIN_DATA, BUILTIN_MODEL
 
@@ -99,4 +100,5 @@ def main(argv: list[str] | None = None) -> None:
         metrics = trainer.evaluate()
         if trainer.is_world_process_zero():
             print({k: round(v, 4) for k, v in metrics.items() if "heldout" in k}, flush=True)
+    shutdown()
 

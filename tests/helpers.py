@@ -85,7 +85,7 @@ def worker_main(build, extra_args: dict[str, dict] | None = None) -> None:
     import argparse
     import json
 
-    from ds_contrastive.distributed import init_process_group, world
+    from ds_contrastive.distributed import init_process_group, shutdown, world
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
@@ -99,6 +99,7 @@ def worker_main(build, extra_args: dict[str, dict] | None = None) -> None:
     if world()[0] == 0:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
+    shutdown()
 
 
 def cased_guide_dir(root: Path, texts: list[str], seed: int = 3, hidden: int = 32) -> Path:

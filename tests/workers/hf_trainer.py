@@ -175,3 +175,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from ds_contrastive.distributed import shutdown
+
+    shutdown()  # every rank leaves together, after rank 0's report
