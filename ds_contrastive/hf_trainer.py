@@ -13,8 +13,9 @@ trainer replaces the training step instead:
   DeepSpeed engine (ZeRO 0-3) or the (DDP-wrapped) module;
 - under DeepSpeed it then calls ``engine.step()`` once, which is what
   ``accelerator.backward`` would have done (the Trainer's own
-  ``optimizer.step()`` and ``lr_scheduler.step()`` are no-ops there); without
-  DeepSpeed the Trainer clips, steps and schedules as usual.
+  ``optimizer.step()`` is a no-op there; its scheduler is stepped by the
+  engine or, when the engine does not own it, by the Trainer, once per step
+  either way); without DeepSpeed the Trainer clips, steps and schedules as usual.
 
 Everything else is the Trainer's: datasets, the evaluator, logging and
 ``report_to``, checkpoints, resuming, schedules, ``save_model`` (consolidated
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from torch import nn
+from transformers import Trainer
 
 from .backends import Backend, DeepSpeedBackend, TorchBackend, sentence_embedding
 from .batch import tokenizer_settings
@@ -129,6 +131,9 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
                    if d is not None]
         if "data_collator" in kwargs:
             raise ValueError("ContrastiveTrainer brings its own raw-text collator; do not pass data_collator")
+        if len(columns) == 2 and columns[1][:2] != columns[0][:2]:
+            raise ValueError(f"eval_dataset's anchor and positive columns {columns[1][:2]} differ from "
+                             f"train_dataset's {columns[0][:2]}")
         check_dims(model, objective)
         if args is not None and args.prompts and any(getattr(m, "include_prompt", True) is False for m in model):
             raise ValueError("prompts with a Pooling module that excludes prompt tokens (include_prompt=False) are "
@@ -161,7 +166,7 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
         if isinstance(backend, DeepSpeedBackend):
             # DeepSpeed reports no gradient norm at ZeRO-0; measured before step() zeroes the gradients.
             self.zero0_grad_norm = grad_norm(model.module) if model.zero_optimization_stage() == 0 else None
-            model.step()  # what accelerator.backward does at a boundary; the Trainer's step is a no-op here
+            model.step()  # what accelerator.backward does at a boundary; the Trainer's optimizer.step() is a no-op
         t2 = time.perf_counter()
         metrics = {**out.metrics, "temperature": 1.0 / out.scale, **throughput(out, t2 - t0), **out.times,
                    "peak_memory_gb": peak_memory_gb(backend.device)}
@@ -176,6 +181,14 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
         if "loss" in logs and logs.get("grad_norm") is None and self.zero0_grad_norm is not None:
             logs = {**logs, "grad_norm": self.zero0_grad_norm}
         super().log(logs, start_time)
+
+    def _load_best_model(self) -> None:
+        # sentence-transformers' version load_state_dict()s into the model, which fails on ZeRO-3's
+        # partitioned parameters (and is only logged); transformers' loads the DeepSpeed checkpoint.
+        if self.is_deepspeed_enabled:
+            Trainer._load_best_model(self)
+        else:
+            super()._load_best_model()
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> torch.Tensor | tuple[torch.Tensor, dict]:
@@ -197,20 +210,18 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Write a model ``SentenceTransformer(path)`` loads, consolidated under ZeRO-3.
 
-        Collective under DeepSpeed (the Trainer calls it on every rank).
-        sentence-transformers' ``_save`` writes ``self.model`` and ignores the
-        consolidated state dict the Trainer passes it, which under ZeRO-3 would
-        save each rank's empty parameter slices; here the parameters are
-        gathered for the write and only the saving rank writes.
+        Collective (the Trainer calls it on every rank). sentence-transformers'
+        ``_save`` writes ``self.model`` on whichever rank calls it and ignores
+        the consolidated state dict the Trainer passes it: under ZeRO-3 that
+        would save each rank's empty parameter slices, under DDP every rank
+        would rewrite the same files at once. Here the parameters are gathered
+        (ZeRO-3) for the write, only the saving rank writes, and its failure
+        is raised on every rank.
         """
-        if not self.is_deepspeed_enabled:
-            super().save_model(output_dir, _internal_call)
-            return
         output_dir = output_dir or self.args.output_dir
-        zero3 = self.model_wrapped.zero_optimization_stage() == 3 if hasattr(
-            self.model_wrapped, "zero_optimization_stage") else False
-        save_consolidated(list(self.model.parameters()), zero3, self.args.should_save,
-                          lambda: self._save(output_dir), output_dir)
+        params = list(self.model.parameters())
+        zero3 = any(hasattr(p, "ds_id") for p in params)  # also a model partitioned at load, before any engine
+        save_consolidated(params, zero3, self.args.should_save, lambda: self._save(output_dir), output_dir)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
@@ -222,7 +233,7 @@ def check_arguments(args: SentenceTransformerTrainingArguments) -> None:
             f"gradient_accumulation_steps={args.gradient_accumulation_steps}: ContrastiveTrainer's global batch "
             "is one step's negatives; accumulating steps would change the loss. Raise "
             "per_device_train_batch_size instead (memory is set by chunk_tokens, not by the batch)")
-    if args.fp16:
+    if args.fp16 or getattr(args, "mixed_precision", None) == "fp16":  # accelerate can set it without fp16=True
         raise ValueError("fp16 is not supported (loss scaling of the cached gradient); use bf16")
 
 

@@ -37,6 +37,19 @@ def test_refusals(model, tmp_path, kwargs, data, message):
     assert message in str(err.value)
 
 
+def test_fp16_from_accelerate_is_refused(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # accelerate's way: fp16 stays False
+    with pytest.raises(ValueError, match="fp16 is not supported"):
+        dc.ContrastiveTrainer(model=model, args=args(tmp_path), train_dataset=Dataset.from_dict(DATA))
+
+
+def test_eval_columns_must_match_train(model, tmp_path):
+    other = Dataset.from_dict({"query": DATA["anchor"], "document": DATA["positive"]})
+    with pytest.raises(ValueError, match="differ from train_dataset's"):
+        dc.ContrastiveTrainer(model=model, args=args(tmp_path), train_dataset=Dataset.from_dict(DATA),
+                              eval_dataset=other)
+
+
 def test_dataset_dict_is_refused(model, tmp_path):
     datasets = DatasetDict({"a": Dataset.from_dict(DATA), "b": Dataset.from_dict(DATA)})
     with pytest.raises(TypeError, match="one dataset"):

@@ -32,7 +32,7 @@ def write_jsonl(path, columns):
 def train_hf(root, model_dir, output, steps, wandb_dir, extra=()):
     env = {**job_env(), "WANDB_DIR": str(wandb_dir), "WANDB_PROJECT": "ds-contrastive-tests"}
     run_deepspeed(ROOT / "launch/train_hf.py", 2, [
-        "--deepspeed", str(ROOT / "configs/deepspeed/zero3.json"), "--model", str(model_dir),
+        "--deepspeed", str(ROOT / "configs/deepspeed/hf_zero3.json"), "--model", str(model_dir),
         "--train_data", str(root / "train.jsonl"), "--negative_columns", "negative_0",
         "--eval_data", str(root / "heldout.jsonl"), "--guide", str(minilm_dir()), "--margin", "0.02",
         "--matryoshka_dims", "32", "16", "--matryoshka_weights", "1", "0.5", "--chunk_tokens", "150",
