@@ -11,11 +11,11 @@ import json
 import math
 
 import pytest
-from sentence_transformers import SentenceTransformer
-
 from helpers import corpus, minilm_dir
-from launch import ROOT, job_env, run_deepspeed
+from sentence_transformers import SentenceTransformer
 from wandb_offline import history, run_file
+
+from launch import ROOT, job_env, run_deepspeed
 
 STEP_KEYS = ["loss", "accuracy", "temperature", "learning_rate", "grad_norm", "samples_per_second",
              "tokens_per_second", "padding_fraction", "time_pass1", "time_guide", "time_gather_loss", "time_pass2",
@@ -25,8 +25,7 @@ STEP_KEYS = ["loss", "accuracy", "temperature", "learning_rate", "grad_norm", "s
 
 def write_jsonl(path, columns):
     with open(path, "w") as f:
-        for row in zip(*columns.values()):
-            f.write(json.dumps(dict(zip(columns, row))) + "\n")
+        f.writelines(json.dumps(dict(zip(columns, row))) + "\n" for row in zip(*columns.values()))
 
 
 def train_hf(root, model_dir, output, steps, wandb_dir, extra=()):
