@@ -37,6 +37,12 @@ def embedding_and_scale(output: tuple[torch.Tensor, torch.Tensor | None]) -> tup
     return output
 
 
+def grad_norm(module: torch.nn.Module) -> float:
+    """L2 norm of a module's (already reduced, unpartitioned) gradients."""
+    grads = [p.grad.float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+
+
 class Backend(Protocol):
     """What the cached step needs from whatever wraps the model."""
 
@@ -68,6 +74,12 @@ class DeepSpeedBackend:
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
+
+    def step(self) -> float:
+        """``engine.step()``; returns the gradient norm, measured here where DeepSpeed reports none (ZeRO-0)."""
+        own = grad_norm(self.engine.module) if self.engine.zero_optimization_stage() == 0 else None
+        self.engine.step()
+        return float(self.engine.get_global_grad_norm() or own or 0.0)
 
     def reduction(self) -> contextlib.AbstractContextManager:
         return self.engine.coalesce_grad_reduction() if self.coalesce else contextlib.nullcontext()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import resource
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,7 +26,7 @@ from .losses import InfoNCE
 from .matryoshka import Matryoshka
 from .module import EmbeddingModule
 from .saving import save_consolidated
-from .step import CachedStep, StepOutput, check_dims
+from .step import CachedStep, check_dims
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -40,32 +39,6 @@ def default_param_groups(module: torch.nn.Module, weight_decay: float) -> list[d
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def throughput(out: StepOutput, seconds: float) -> dict[str, float]:
-    """Global batch size, samples/s, non-pad tokens/s, padding fraction and chunk count of one step."""
-    return {
-        "global_batch_size": float(out.global_batch_size),
-        "samples_per_second": out.global_batch_size / seconds,
-        "tokens_per_second": out.real_tokens / seconds,
-        "padding_fraction": 1.0 - out.real_tokens / out.padded_tokens,
-        "chunks": float(len(out.plan)),
-    }
-
-
-def grad_norm(module: torch.nn.Module) -> float:
-    """L2 norm of a module's (already reduced, unpartitioned) gradients: what ZeRO-0 does not report."""
-    grads = [p.grad.float().norm() for p in module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak accelerator memory of this process (CPU: peak resident set size), GiB."""
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return peak / 2**30
 
 
 class ContrastiveEngine:
@@ -158,21 +131,11 @@ class ContrastiveEngine:
         out = self.step.forward_backward(batch, self.backend, self.global_step)
         self.last_plan = out.plan
         t_step = time.perf_counter()
-        # DeepSpeed reports the gradient norm only for its own optimizers (ZeRO 1-3, bf16 wrapper).
-        own_norm = grad_norm(self.module) if self.zero_stage == 0 else None
-        self.engine.step()
+        norm = self.backend.step()
         self.global_step += 1
         end = time.perf_counter()
-        return {
-            **out.metrics,
-            "temperature": 1.0 / out.scale,
-            "lr": float(self.engine.get_lr()[0]),
-            "grad_norm": float(self.engine.get_global_grad_norm() or own_norm or 0.0),
-            **throughput(out, end - start),
-            **out.times,
-            "time_optimizer": end - t_step,
-            "peak_memory_gb": peak_memory_gb(self.device),
-        }
+        return {**out.report(end - start, self.device), "lr": float(self.engine.get_lr()[0]), "grad_norm": norm,
+                "time_optimizer": end - t_step}
 
     # --- saving ---------------------------------------------------------------------
 

@@ -34,7 +34,6 @@ from transformers import Trainer
 
 from .backends import Backend, DeepSpeedBackend, TorchBackend, sentence_embedding
 from .batch import tokenizer_settings
-from .engine import grad_norm, peak_memory_gb, throughput
 from .losses import InfoNCE
 from .matryoshka import Matryoshka
 from .saving import save_consolidated
@@ -148,7 +147,7 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
                                       anchor, positive, self.args.seed)
         if self.cached_step.guide is not None:
             self.cached_step.guide.to(self.args.device)
-        self.zero0_grad_norm: float | None = None
+        self.deepspeed_grad_norm: float | None = None
 
     def backend(self, model: nn.Module) -> Backend:
         """How the step reaches ``model``: the DeepSpeed engine, or the (DDP-wrapped) module."""
@@ -164,22 +163,18 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
         out = self.cached_step.forward_backward(inputs, backend, self.state.global_step)
         t1 = time.perf_counter()
         if isinstance(backend, DeepSpeedBackend):
-            # DeepSpeed reports no gradient norm at ZeRO-0; measured before step() zeroes the gradients.
-            self.zero0_grad_norm = grad_norm(model.module) if model.zero_optimization_stage() == 0 else None
-            model.step()  # what accelerator.backward does at a boundary; the Trainer's optimizer.step() is a no-op
+            # what accelerator.backward does at a boundary; the Trainer's optimizer.step() is a no-op here
+            self.deepspeed_grad_norm = backend.step()
         t2 = time.perf_counter()
-        metrics = {**out.metrics, "temperature": 1.0 / out.scale, **throughput(out, t2 - t0), **out.times,
-                   "peak_memory_gb": peak_memory_gb(backend.device)}
+        metrics = out.report(t2 - t0, backend.device)
         if isinstance(backend, DeepSpeedBackend):
             metrics["time_optimizer"] = t2 - t1
-        self.track_loss_components({k: torch.tensor(float(v), device=backend.device)
-                                    for k, v in metrics.items() if k != "loss"})
-        return torch.tensor(out.metrics["loss"], device=backend.device)
+        return self.track(metrics, backend.device)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """The Trainer's log, with the gradient norm DeepSpeed leaves out at ZeRO-0."""
-        if "loss" in logs and logs.get("grad_norm") is None and self.zero0_grad_norm is not None:
-            logs = {**logs, "grad_norm": self.zero0_grad_norm}
+        if "loss" in logs and logs.get("grad_norm") is None and self.deepspeed_grad_norm is not None:
+            logs = {**logs, "grad_norm": self.deepspeed_grad_norm}
         super().log(logs, start_time)
 
     def _load_best_model(self) -> None:
@@ -202,10 +197,14 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
         backend = self.backend(model)
         with torch.enable_grad():
             out = self.cached_step.evaluate(inputs, backend, self.state.global_step)
-        self.track_loss_components({k: torch.tensor(float(v), device=backend.device)
-                                    for k, v in out.metrics.items() if k != "loss"})
-        loss = torch.tensor(out.metrics["loss"], device=backend.device)
+        loss = self.track(out.metrics, backend.device)
         return (loss, {}) if return_outputs else loss
+
+    def track(self, metrics: dict[str, float], device: torch.device) -> torch.Tensor:
+        """Hand the step's metrics to sentence-transformers' per-log averaging; return the loss as a tensor."""
+        self.track_loss_components({k: torch.tensor(float(v), device=device) for k, v in metrics.items()
+                                    if k != "loss"})
+        return torch.tensor(metrics["loss"], device=device)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Write a model ``SentenceTransformer(path)`` loads, consolidated under ZeRO-3.

@@ -28,6 +28,7 @@ over the W ranks, so every rank ends with dL/dtheta.
 from __future__ import annotations
 
 import contextlib
+import resource
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -66,6 +67,29 @@ class StepOutput:
     real_tokens: float
     padded_tokens: float
     times: dict[str, float]
+
+    def report(self, seconds: float, device: torch.device) -> dict[str, float]:
+        """The loss metrics, temperature, throughput over ``seconds``, phase times and peak memory."""
+        return {
+            **self.metrics,
+            "temperature": 1.0 / self.scale,
+            "global_batch_size": float(self.global_batch_size),
+            "samples_per_second": self.global_batch_size / seconds,
+            "tokens_per_second": self.real_tokens / seconds,
+            "padding_fraction": 1.0 - self.real_tokens / self.padded_tokens,
+            "chunks": float(len(self.plan)),
+            **self.times,
+            "peak_memory_gb": peak_memory_gb(device),
+        }
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak accelerator memory of this process (CPU: peak resident set size), GiB."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak / 2**30
 
 
 class CachedStep:
