@@ -7,9 +7,10 @@ from .guide import Guide
 from .guided import GuidedInfoNCE
 from .losses import InfoNCE
 from .matryoshka import Matryoshka
+from .prefetch import prefetched
 
 __all__ = ["BatchError", "ConfigError", "ContrastiveEngine", "ContrastiveTrainer", "Guide", "GuidedInfoNCE", "InfoNCE",
-           "Matryoshka"]
+           "Matryoshka", "prefetched"]
 
 
 def __getattr__(name: str) -> object:

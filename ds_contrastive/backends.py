@@ -44,9 +44,15 @@ def grad_norm(module: torch.nn.Module) -> float:
 
 
 class Backend(Protocol):
-    """What the cached step needs from whatever wraps the model."""
+    """What the cached step needs from whatever wraps the model.
+
+    ``last_forward_reduces``: the wrapper decides at forward time whether a
+    backward reduces gradients (DDP), so the last chunk of pass 2 must be a
+    fresh forward, never a graph kept from pass 1.
+    """
 
     device: torch.device
+    last_forward_reduces: bool
 
     def forward(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
@@ -64,6 +70,7 @@ class DeepSpeedBackend:
         self.engine = engine
         self.unpack = unpack
         self.device = engine.device
+        self.last_forward_reduces = False
         # The coalesced reduction needs a ZeRO 1/2/3 optimizer; ZeRO-0 and the
         # bf16 optimizer wrapper use the accumulation-boundary API instead.
         self.coalesce = engine.zero_optimization_stage() in (1, 2, 3) and hasattr(
@@ -99,6 +106,7 @@ class TorchBackend:
         self.unpack = unpack
         self.device = device
         self.ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        self.last_forward_reduces = self.ddp
 
     def forward(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.unpack(self.model(features))

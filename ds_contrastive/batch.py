@@ -8,9 +8,11 @@ unknown characters).
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -74,34 +76,54 @@ def text_hashes(texts: Sequence[str]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int64)
 
 
-@dataclass
 class Tokenized:
-    """Unpadded token ids of a list of texts, plus what padding needs."""
+    """Unpadded token ids of a list of texts, stored flat, plus what padding needs.
 
-    input_ids: list[list[int]]
-    token_type_ids: list[list[int]] | None
-    pad_id: int
+    Ids live in one flat array with per-text offsets, so padding a chunk is a
+    few vectorized copies rather than a Python loop over its rows (a global
+    batch holds tens of thousands of texts, and every chunk is padded once).
+    """
+
+    def __init__(self, input_ids: list[list[int]], token_type_ids: list[list[int]] | None, pad_id: int) -> None:
+        self.pad_id = pad_id
+        self._lengths = np.fromiter(map(len, input_ids), dtype=np.int64, count=len(input_ids))
+        self._starts = np.concatenate([[0], np.cumsum(self._lengths)[:-1]]).astype(np.int64)
+        total = int(self._lengths.sum())
+        self._ids = np.fromiter(itertools.chain.from_iterable(input_ids), dtype=np.int64, count=total)
+        self._types = None if token_type_ids is None else np.fromiter(
+            itertools.chain.from_iterable(token_type_ids), dtype=np.int64, count=total)
+
+    def __len__(self) -> int:
+        return len(self._lengths)
 
     @property
     def lengths(self) -> list[int]:
-        return [len(ids) for ids in self.input_ids]
+        return self._lengths.tolist()
+
+    def padded(self, indices: Sequence[int], pin: bool = False) -> dict[str, torch.Tensor]:
+        """Right-padded model inputs for ``indices`` on the host, padded to the longest among them.
+
+        ``pin``: in page-locked memory, so that a copy to a GPU does not block the host.
+        """
+        rows = np.asarray(indices, dtype=np.int64)
+        lengths = self._lengths[rows]
+        columns = np.arange(int(lengths.max()))
+        real = columns[None, :] < lengths[:, None]
+        where = np.where(real, self._starts[rows][:, None] + columns[None, :], 0)
+        out = {"input_ids": torch.from_numpy(np.where(real, self._ids[where], self.pad_id)),
+               "attention_mask": torch.from_numpy(real.astype(np.int64))}
+        if self._types is not None:
+            out["token_type_ids"] = torch.from_numpy(np.where(real, self._types[where], 0))
+        return {k: v.pin_memory() for k, v in out.items()} if pin else out
 
     def features(self, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
-        """Right-padded model inputs for ``indices``, padded to the longest among them."""
-        width = max(len(self.input_ids[i]) for i in indices)
-        ids = torch.full((len(indices), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(indices), width), dtype=torch.long)
-        types = torch.zeros((len(indices), width), dtype=torch.long) if self.token_type_ids is not None else None
-        for row, i in enumerate(indices):
-            n = len(self.input_ids[i])
-            ids[row, :n] = torch.tensor(self.input_ids[i])
-            mask[row, :n] = 1
-            if types is not None:
-                types[row, :n] = torch.tensor(self.token_type_ids[i])
-        out = {"input_ids": ids, "attention_mask": mask}
-        if types is not None:
-            out["token_type_ids"] = types
-        return {k: v.to(device, non_blocking=True) for k, v in out.items()}
+        """Right-padded model inputs for ``indices`` on ``device``, padded to the longest among them."""
+        return to_device(self.padded(indices, pin=device.type == "cuda"), device)
+
+
+def to_device(features: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Copy model inputs to ``device``; asynchronous from page-locked memory."""
+    return {k: v.to(device, non_blocking=True) for k, v in features.items()}
 
 
 def tokenizer_settings(model, max_length: int | None = None) -> tuple[int, bool]:

@@ -102,6 +102,16 @@ def sum_scalars(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def min_over_ranks(value: int, device: torch.device) -> int:
+    """The smallest of every rank's ``value`` (one collective)."""
+    _, size = world()
+    if size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def shutdown() -> None:
     """Leave the process group together: wait for every rank, then destroy the group.
 

@@ -26,7 +26,7 @@ from .losses import InfoNCE
 from .matryoshka import Matryoshka
 from .module import EmbeddingModule
 from .saving import save_consolidated
-from .step import CachedStep, check_dims
+from .step import CachedStep, Prepared, check_dims
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -62,6 +62,9 @@ class ContrastiveEngine:
             roles; every other column is a hard-negative column.
         seed: base of the per-chunk dropout seeds.
         max_length: truncation length (default: the model's ``max_seq_length``).
+        retain_tokens: padded tokens per rank whose pass-1 graphs pass 2
+            reuses instead of re-running their forward (exact; costs their
+            activation memory). See :class:`~ds_contrastive.step.CachedStep`.
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class ContrastiveEngine:
         positive_column: str = "positive",
         seed: int = 0,
         max_length: int | None = None,
+        retain_tokens: int = 0,
     ) -> None:
         import deepspeed
 
@@ -88,7 +92,7 @@ class ContrastiveEngine:
         self.config = resolve_ds_config(load_ds_config(ds_config), self.world_size)
         max_length, lowercase = tokenizer_settings(model, max_length)
         self.step = CachedStep(self.loss, model.tokenizer, max_length, lowercase, chunk_tokens, chunk_rows,
-                               anchor_column, positive_column, seed)
+                               anchor_column, positive_column, seed, retain_tokens)
 
         check_dims(model, self.loss)
         log_scale = self.loss.initial_log_scale() if self.loss.learnable_temperature else None
@@ -119,11 +123,22 @@ class ContrastiveEngine:
 
     # --- the step -----------------------------------------------------------------
 
-    def train_step(self, batch: Mapping[str, list[str]]) -> dict[str, float]:
+    def prepare(self, batch: Mapping[str, list[str]]) -> Prepared:
+        """Validate, tokenize and plan this rank's shard for :meth:`train_step`, without touching the device.
+
+        Safe to call from a background thread while a step runs, which is what
+        :func:`~ds_contrastive.prefetch.prefetched` does::
+
+            for prepared in prefetched(engine.prepare, shards):
+                engine.train_step(prepared)
+        """
+        return self.step.prepare(batch)
+
+    def train_step(self, batch: Mapping[str, list[str]] | Prepared) -> dict[str, float]:
         """One optimizer step on the global batch made of every rank's ``batch``.
 
         ``batch`` maps column names to lists of raw strings (this rank's
-        shard). Returns metrics of the whole global batch (equal on every rank),
+        shard), or is that shard passed through :meth:`prepare`. Returns metrics of the whole global batch (equal on every rank),
         plus this rank's own times, throughput and peak memory.
         """
         start = time.perf_counter()

@@ -111,13 +111,16 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
         chunk_tokens, chunk_rows: padded-token budget and row limit of one
             encoder forward call (memory is set by these, not by the batch).
         max_length: truncation (default: the model's ``max_seq_length``).
+        retain_tokens: padded tokens per rank whose pass-1 graphs pass 2
+            reuses instead of re-running their forward (exact; costs their
+            activation memory; see :class:`~ds_contrastive.step.CachedStep`).
         Every other keyword goes to ``SentenceTransformerTrainer``.
     """
 
     def __init__(self, model: SentenceTransformer, args: SentenceTransformerTrainingArguments | None = None,
                  train_dataset: Any = None, eval_dataset: Any = None, loss: InfoNCE | Matryoshka | None = None,
                  chunk_tokens: int | None = 16384, chunk_rows: int | None = None, max_length: int | None = None,
-                 **kwargs: Any) -> None:
+                 retain_tokens: int = 0, **kwargs: Any) -> None:
         objective = loss or InfoNCE()
         if objective.learnable_temperature:
             raise ValueError(
@@ -144,7 +147,7 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
         anchor, positive = columns[0][:2] if columns else ("anchor", "positive")
         length, lowercase = tokenizer_settings(model, max_length)
         self.cached_step = CachedStep(objective, model.tokenizer, length, lowercase, chunk_tokens, chunk_rows,
-                                      anchor, positive, self.args.seed)
+                                      anchor, positive, self.args.seed, retain_tokens)
         if self.cached_step.guide is not None:
             self.cached_step.guide.to(self.args.device)
         self.deepspeed_grad_norm: float | None = None

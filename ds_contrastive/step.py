@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import resource
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -36,9 +37,9 @@ from dataclasses import dataclass
 import torch
 
 from .backends import Backend
-from .batch import BatchError, Shard, Tokenized, text_hashes, tokenize, validate_shard
+from .batch import BatchError, Shard, Tokenized, text_hashes, to_device, tokenize, validate_shard
 from .chunking import ChunkPlan, balance_chunk_count, chunk_seed, plan_chunks
-from .distributed import all_gather_objects, gather_rows, sum_scalars, sum_to_owners, world
+from .distributed import all_gather_objects, gather_rows, min_over_ranks, sum_scalars, sum_to_owners, world
 from .losses import InfoNCE
 from .matryoshka import Matryoshka
 
@@ -67,6 +68,7 @@ class StepOutput:
     real_tokens: float
     padded_tokens: float
     times: dict[str, float]
+    kept_chunks: int = 0
 
     def report(self, seconds: float, device: torch.device) -> dict[str, float]:
         """The loss metrics, temperature, throughput over ``seconds``, phase times and peak memory."""
@@ -78,6 +80,7 @@ class StepOutput:
             "tokens_per_second": self.real_tokens / seconds,
             "padding_fraction": 1.0 - self.real_tokens / self.padded_tokens,
             "chunks": float(len(self.plan)),
+            "kept_chunks": float(self.kept_chunks),
             **self.times,
             "peak_memory_gb": peak_memory_gb(device),
         }
@@ -92,6 +95,24 @@ def peak_memory_gb(device: torch.device) -> float:
     return peak / 2**30
 
 
+@dataclass
+class Prepared:
+    """One rank's shard validated, tokenized and cut into chunks: the local half of step 1.
+
+    Built by :meth:`CachedStep.prepare`, which touches no collective and no
+    device, so the next batch can be prepared in a background thread while
+    the current step runs. A bad batch is not raised here: its ``error`` is
+    agreed on by every rank at the start of the step, which then fails on all
+    of them alike.
+    """
+
+    shard: Shard | None
+    tokens: Tokenized | None
+    plan: ChunkPlan | None
+    hashes: torch.Tensor | None
+    error: str | None
+
+
 class CachedStep:
     """The exact cached step of one global batch, for any :class:`~ds_contrastive.backends.Backend`.
 
@@ -104,29 +125,58 @@ class CachedStep:
         anchor_column, positive_column: the batch's columns of those roles;
             every other column is a hard-negative column.
         seed: base of the per-chunk dropout seeds.
+        retain_tokens: padded tokens per rank whose pass-1 autograd graphs are
+            kept for pass 2, which then back-propagates them instead of
+            re-running their forward. The first chunks are kept (they hold the
+            longest sequences) while their padded tokens fit the budget; every
+            rank keeps as many as the rank that can keep fewest. Exact: the kept
+            graph is the very forward a re-run would repeat. It costs the
+            activation memory of those chunks (roughly layers x hidden x 34
+            bytes per token in bf16, plus the attention maps) held through the
+            gather and the loss. 0 re-runs every chunk (the GradCache default).
     """
 
     def __init__(self, loss: InfoNCE | Matryoshka, tokenizer: object, max_length: int, lowercase: bool,
                  chunk_tokens: int | None, chunk_rows: int | None, anchor_column: str, positive_column: str,
-                 seed: int) -> None:
+                 seed: int, retain_tokens: int = 0) -> None:
         plan_chunks([1], chunk_tokens, chunk_rows)  # validates the budget values before any work
+        if retain_tokens < 0:
+            raise ValueError(f"retain_tokens must be >= 0, got {retain_tokens}")
         self.loss = loss
         self.tokenizer, self.max_length, self.lowercase = tokenizer, max_length, lowercase
         self.chunk_tokens, self.chunk_rows = chunk_tokens, chunk_rows
         self.anchor_column, self.positive_column = anchor_column, positive_column
         self.seed = seed
+        self.retain_tokens = retain_tokens
+        # A fast tokenizer is not reentrant (truncation settings live in it): one prepare at a time.
+        self._tokenizing = threading.Lock()
         # A guided loss's guide stays outside every wrapper: never partitioned, never trained.
         self.guide = getattr(loss, "guide_model", None)
 
-    def forward_backward(self, batch: Mapping[str, list[str]], backend: Backend, step: int) -> StepOutput:
+    def prepare(self, batch: Mapping[str, list[str]]) -> Prepared:
+        """Validate, tokenize and plan this rank's shard; local only, safe in a background thread."""
+        shard, tokens, plan, hashes, error = None, None, None, None, None
+        try:
+            shard = validate_shard(batch, self.anchor_column, self.positive_column)
+            with self._tokenizing:
+                tokens = tokenize(self.tokenizer, shard.flat(), self.max_length, self.lowercase)
+            plan = plan_chunks(tokens.lengths, self.chunk_tokens, self.chunk_rows)
+            hashes = by_row(text_hashes(shard.flat()), shard.rows)
+        except Exception as e:  # noqa: BLE001 - agreed on and raised on every rank in _agree
+            error = str(e) if isinstance(e, BatchError) else f"{type(e).__name__}: {e}"
+        return Prepared(shard, tokens, plan, hashes, error)
+
+    def forward_backward(self, batch: Mapping[str, list[str]] | Prepared, backend: Backend, step: int
+                         ) -> StepOutput:
         """Steps 1-5: leave dL/dtheta of the global batch in the backend's gradients, reduced once.
 
-        ``step`` (the optimizer step about to be taken) selects the dropout
-        seeds, so a resumed run draws the same masks.
+        ``batch`` is this rank's raw shard, or that shard already passed
+        through :meth:`prepare`. ``step`` (the optimizer step about to be
+        taken) selects the dropout seeds, so a resumed run draws the same masks.
         """
         return self._run(batch, backend, step, backward=True)
 
-    def evaluate(self, batch: Mapping[str, list[str]], backend: Backend, step: int) -> StepOutput:
+    def evaluate(self, batch: Mapping[str, list[str]] | Prepared, backend: Backend, step: int) -> StepOutput:
         """Steps 1-4 only: the loss metrics of the global batch; no parameter gradient.
 
         Collective like a training step (every rank calls it with its shard).
@@ -135,52 +185,48 @@ class CachedStep:
         """
         return self._run(batch, backend, step, backward=False)
 
-    def _run(self, batch: Mapping[str, list[str]], backend: Backend, step: int, backward: bool) -> StepOutput:
+    def _run(self, batch: Mapping[str, list[str]] | Prepared, backend: Backend, step: int, backward: bool
+             ) -> StepOutput:
         rank = world()[0]
         t0 = time.perf_counter()
-        shard, tokens, plan, counts = self._prepare(batch)
+        prepared = batch if isinstance(batch, Prepared) else self.prepare(batch)
+        plan, counts = self._agree(prepared)
+        shard, tokens = prepared.shard, prepared.tokens
+        kept = self._kept_count(plan, tokens, backend) if backward else 0
         t1 = time.perf_counter()
-        texts = shard.flat()
-        local, scale = self._pass1(backend, tokens, plan, shard.rows, step)
+        chunks = Chunks(plan, tokens, backend.device)
+        local, scale, graphs = self._pass1(backend, chunks, shard.rows, step, kept)
         t2 = time.perf_counter()
-        guide = self.guide.embed(texts) if self.guide is not None else None
+        guide = self.guide.embed(shard.flat()) if self.guide is not None else None
         t3 = time.perf_counter()
 
         offset = sum(counts[:rank])
         embeddings = gather_rows(local, counts)
-        hashes = gather_rows(by_row(text_hashes(texts).to(backend.device), shard.rows), counts)
+        hashes = gather_rows(prepared.hashes.to(backend.device), counts)
         if guide is not None:
             guide = gather_rows(by_row(guide, shard.rows), counts)
         result = self.loss.compute(embeddings, hashes, offset, shard.rows, scale, guide)
         grad = sum_to_owners(result.grad, counts) if backward else None
         t4 = time.perf_counter()
         if grad is not None:
-            self._pass2(backend, tokens, plan, grad, result.grad_scale, step)
+            self._pass2(backend, chunks, graphs, grad, result.grad_scale, step)
         t5 = time.perf_counter()
 
-        lengths = tokens.lengths
-        padded = sum(len(c.indices) * max(lengths[i] for i in c.indices) for c in plan.chunks if not c.dummy)
         n = sum(counts)
         keys = sorted(result.sums)
-        *sums, real, pad = sum_scalars([result.sums[k] for k in keys] + [sum(lengths), padded], backend.device)
+        *sums, real, pad = sum_scalars([result.sums[k] for k in keys] + [chunks.real_tokens, chunks.padded_tokens],
+                                       backend.device)
         times = {"time_prepare": t1 - t0, "time_pass1": t2 - t1, "time_guide": t3 - t2,
                  "time_gather_loss": t4 - t3, "time_pass2": t5 - t4}
-        return StepOutput(self.loss.summarize(dict(zip(keys, sums)), n), scale, plan, n, real, pad, times)
+        return StepOutput(self.loss.summarize(dict(zip(keys, sums)), n), scale, plan, n, real, pad, times, kept)
 
-    def _prepare(self, batch: Mapping[str, list[str]]) -> tuple[Shard, Tokenized, ChunkPlan, list[int]]:
-        """Validate, tokenize and plan locally; then agree with every rank or fail on every rank."""
-        error, shard, tokens, plan = None, None, None, None
-        try:
-            shard = validate_shard(batch, self.anchor_column, self.positive_column)
-            tokens = tokenize(self.tokenizer, shard.flat(), self.max_length, self.lowercase)
-            plan = plan_chunks(tokens.lengths, self.chunk_tokens, self.chunk_rows)
-        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
-            error = str(e) if isinstance(e, BatchError) else f"{type(e).__name__}: {e}"
+    def _agree(self, prepared: Prepared) -> tuple[ChunkPlan, list[int]]:
+        """Agree with every rank on errors, columns, shard sizes and the chunk count, or fail on every rank."""
         info = {
-            "error": error,
-            "columns": shard.columns if shard else None,
-            "rows": shard.rows if shard else 0,
-            "chunks": len(plan) if plan else 0,
+            "error": prepared.error,
+            "columns": prepared.shard.columns if prepared.shard else None,
+            "rows": prepared.shard.rows if prepared.shard else 0,
+            "chunks": len(prepared.plan) if prepared.plan else 0,
         }
         infos = all_gather_objects(info)
         errors = [f"rank {r}: {i['error']}" for r, i in enumerate(infos) if i["error"]]
@@ -190,7 +236,26 @@ class CachedStep:
             found = ", ".join(f"rank {r}: {i['columns']}" for r, i in enumerate(infos))
             raise BatchError(f"bad batch: ranks have different columns ({found})")
         counts = [i["rows"] for i in infos]
-        return shard, tokens, balance_chunk_count(plan, max(i["chunks"] for i in infos)), counts
+        return balance_chunk_count(prepared.plan, max(i["chunks"] for i in infos)), counts
+
+    def _kept_count(self, plan: ChunkPlan, tokens: Tokenized, backend: Backend) -> int:
+        """How many leading chunks keep their pass-1 graph: the same count on every rank.
+
+        Under ZeRO-3 every forward and backward gathers parameters
+        collectively, so ranks must run the same sequence of them. A backend
+        whose last forward must open the gradient reduction (DDP) re-runs its
+        last chunk.
+        """
+        if self.retain_tokens == 0:
+            return 0
+        budget, kept = self.retain_tokens, 0
+        for cost in padded_sizes(plan, tokens):
+            if cost > budget:
+                break
+            budget, kept = budget - cost, kept + 1
+        if backend.last_forward_reduces:
+            kept = min(kept, len(plan) - 1)
+        return min_over_ranks(kept, backend.device)
 
     @contextlib.contextmanager
     def _seeded(self, device: torch.device, step: int, chunk: int) -> Iterator[None]:
@@ -203,36 +268,97 @@ class CachedStep:
                 torch.cuda.manual_seed(seed)  # this rank's device only; fork_rng restores it
             yield
 
-    def _pass1(self, backend: Backend, tokens: Tokenized, plan: ChunkPlan, rows: int, step: int
-               ) -> tuple[torch.Tensor, float]:
-        """Embeddings of every sequence, without grad: [rows, columns, dim] in fp32, and the scale."""
-        flat: torch.Tensor | None = None
-        scale = 1.0 / self.loss.temperature
-        with torch.no_grad():
-            for c, chunk in enumerate(plan.chunks):
-                with self._seeded(backend.device, step, c):
-                    emb, learned_scale = backend.forward(tokens.features(chunk.indices, backend.device))
-                if learned_scale is not None:
-                    scale = float(learned_scale)
-                if chunk.dummy:
-                    continue
-                if flat is None:
-                    flat = emb.new_empty((len(tokens.input_ids), emb.shape[-1]), dtype=torch.float32)
-                flat[list(chunk.indices)] = emb.float()
-        return by_row(flat, rows), scale
+    def _pass1(self, backend: Backend, chunks: Chunks, rows: int, step: int, kept: int
+               ) -> tuple[torch.Tensor, float, list[Embedded]]:
+        """Embeddings of every sequence: [rows, columns, dim] in fp32, the scale, and the kept graphs.
 
-    def _pass2(self, backend: Backend, tokens: Tokenized, plan: ChunkPlan, grad: torch.Tensor, grad_scale: float,
-               step: int) -> None:
-        """Re-embed each chunk with grad and back-propagate the cached gradient, one reduction in all."""
+        The first ``kept`` chunks run with grad (under the backend's
+        no-reduction context) and their outputs are returned for pass 2; the
+        others run without grad.
+        """
+        graphs: list[Embedded] = []
+        outputs: list[torch.Tensor] = []
+        learned = None
+        for c in range(len(chunks)):
+            keep = c < kept
+            context = backend.chunk(last=False) if keep else contextlib.nullcontext()
+            with torch.set_grad_enabled(keep), context, self._seeded(backend.device, step, c):
+                emb, learned = backend.forward(chunks.features(c))
+            if keep:
+                graphs.append((emb, learned))
+            outputs.append(emb.detach())
+        scale = float(learned) if learned is not None else 1.0 / self.loss.temperature
+        return by_row(chunks.unsort(outputs), rows), scale, graphs
+
+    def _pass2(self, backend: Backend, chunks: Chunks, graphs: list[Embedded], grad: torch.Tensor,
+               grad_scale: float, step: int) -> None:
+        """Back-propagate the cached gradient through each chunk (kept graph or re-run), one reduction in all."""
         size = world()[1]
-        flat_grad = grad.transpose(0, 1).reshape(-1, grad.shape[-1]) * size
+        grads = chunks.sort(grad.transpose(0, 1).reshape(-1, grad.shape[-1]) * size)
         with backend.reduction():
-            for c, chunk in enumerate(plan.chunks):
-                with backend.chunk(last=c == len(plan) - 1):
-                    with self._seeded(backend.device, step, c):
-                        emb, learned_scale = backend.forward(tokens.features(chunk.indices, backend.device))
-                    g = torch.zeros_like(emb, dtype=torch.float32) if chunk.dummy else flat_grad[list(chunk.indices)]
-                    surrogate = (emb.float() * g).sum()
-                    if learned_scale is not None and c == 0:
-                        surrogate = surrogate + learned_scale * (grad_scale * size)
+            for c in range(len(chunks)):
+                with backend.chunk(last=c == len(chunks) - 1):
+                    if c < len(graphs):
+                        (emb, learned), graphs[c] = graphs[c], (None, None)  # freed after its backward
+                    else:
+                        with self._seeded(backend.device, step, c):
+                            emb, learned = backend.forward(chunks.features(c))
+                    surrogate = (emb.float() * grads[c]).sum()
+                    if learned is not None and c == 0:
+                        surrogate = surrogate + learned * (grad_scale * size)
                     backend.backward(surrogate)
+
+
+Embedded = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def padded_sizes(plan: ChunkPlan, tokens: Tokenized) -> list[int]:
+    """Padded tokens (rows x longest) of each chunk of the plan."""
+    lengths = tokens.lengths
+    return [len(c.indices) * max(lengths[i] for i in c.indices) for c in plan.chunks]
+
+
+class Chunks:
+    """One step's chunks: padded inputs made once for both passes, and the row order.
+
+    The padded inputs stay on the host (page-locked on a GPU machine) and are
+    copied to the device for each forward, so device memory does not grow
+    with the global batch.
+
+    Embeddings come out of the encoder chunk after chunk (length-sorted);
+    :meth:`unsort` puts them back in the shard's order with one indexed copy
+    and :meth:`sort` cuts a gradient in the shard's order into per-chunk
+    blocks, so no per-chunk index travels to the device. Dummy chunks (which
+    only keep the forward count equal across ranks) get zero gradients.
+    """
+
+    def __init__(self, plan: ChunkPlan, tokens: Tokenized, device: torch.device) -> None:
+        self.plan, self.tokens, self.device = plan, tokens, device
+        self._padded: dict[int, dict[str, torch.Tensor]] = {}
+        real = [c for c in plan.chunks if not c.dummy]
+        self._order = torch.tensor([i for c in real for i in c.indices], dtype=torch.long).to(device)
+        sizes = padded_sizes(plan, tokens)
+        self.padded_tokens = float(sum(s for s, c in zip(sizes, plan.chunks) if not c.dummy))
+        self.real_tokens = float(sum(tokens.lengths))
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def features(self, c: int) -> dict[str, torch.Tensor]:
+        """Chunk ``c``'s padded inputs on the device (padded on first use, kept on the host for pass 2)."""
+        if c not in self._padded:
+            self._padded[c] = self.tokens.padded(self.plan.chunks[c].indices, pin=self.device.type == "cuda")
+        return to_device(self._padded[c], self.device)
+
+    def unsort(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """Per-chunk embeddings -> [sequences, dim] fp32 in the shard's order."""
+        real = torch.cat([o for o, c in zip(outputs, self.plan.chunks) if not c.dummy]).float()
+        flat = torch.empty_like(real)
+        flat[self._order] = real
+        return flat
+
+    def sort(self, flat_grad: torch.Tensor) -> list[torch.Tensor]:
+        """A gradient in the shard's order -> one block per chunk (zeros for dummy chunks)."""
+        blocks = iter(flat_grad[self._order].split([len(c.indices) for c in self.plan.chunks if not c.dummy]))
+        zero = flat_grad.new_zeros((1, flat_grad.shape[-1]))
+        return [zero if c.dummy else next(blocks) for c in self.plan.chunks]

@@ -21,6 +21,7 @@ from .engine import ContrastiveEngine
 from .guided import GuidedInfoNCE
 from .losses import InfoNCE
 from .matryoshka import Matryoshka
+from .prefetch import prefetched
 from .train_config import BUILTIN_DATA, BUILTIN_MODEL, TrainConfig, argument_parser, load_train_config
 
 if TYPE_CHECKING:
@@ -189,7 +190,7 @@ def train(cfg: TrainConfig, ds_config_path: str) -> dict[str, Any]:
         model, build_loss(cfg), ds_config=ds_config, chunk_tokens=cfg.chunk_tokens, chunk_rows=cfg.chunk_rows, lr=cfg.lr,
         weight_decay=cfg.weight_decay, lr_scheduler=warmup_linear_decay(total_steps, cfg.warmup_ratio),
         anchor_column=cfg.anchor_column, positive_column=cfg.positive_column, seed=cfg.seed,
-        max_length=cfg.max_length,
+        max_length=cfg.max_length, retain_tokens=cfg.retain_tokens,
     )
     tracker = Tracker(cfg, engine.config, rank)
     progress = None
@@ -197,8 +198,10 @@ def train(cfg: TrainConfig, ds_config_path: str) -> dict[str, Any]:
         from tqdm import tqdm
 
         progress = tqdm(total=total_steps, desc="train", dynamic_ncols=True, file=sys.stdout)
-    for step in range(total_steps):
-        metrics = engine.train_step(batches.shard(step, rank, world_size))
+    shards = (batches.shard(step, rank, world_size) for step in range(total_steps))
+    # the next shard is read and tokenized in a background thread while this step runs
+    for step, prepared in enumerate(prefetched(engine.prepare, shards)):
+        metrics = engine.train_step(prepared)
         tracker.log({f"train/{k}": v for k, v in metrics.items()}, step + 1)
         if progress is not None:
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_second']:.1f}")

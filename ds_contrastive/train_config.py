@@ -59,6 +59,7 @@ class TrainConfig:
     matryoshka_weights: list[float] = field(default_factory=list)  # one per dim; empty: all 1
     chunk_tokens: int | None = 16384  # padded tokens per encoder forward call
     chunk_rows: int | None = None  # most sequences per encoder forward call
+    retain_tokens: int = 0  # padded tokens per rank whose pass-1 graphs pass 2 reuses (exact; costs activations)
     max_length: int | None = None  # truncation (default: the model's max_seq_length)
     precision: str | None = None  # 'bf16' or 'fp32' overrides the DeepSpeed config's bf16 section
     seed: int = 42
@@ -79,6 +80,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1 or null, got {value}")
+        if self.retain_tokens < 0:
+            raise ConfigError(f"retain_tokens must be >= 0, got {self.retain_tokens}")
         if self.chunk_tokens is None and self.chunk_rows is None:
             raise ConfigError("set chunk_tokens, chunk_rows, or both")
         if not 0 <= self.warmup_ratio < 1:

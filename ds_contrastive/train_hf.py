@@ -53,6 +53,8 @@ class ContrastiveArguments:
     chunk_tokens: int | None = field(default=16384, metadata={"help": "padded tokens per encoder forward call"})
     chunk_rows: int | None = field(default=None, metadata={"help": "most sequences per encoder forward call"})
     max_length: int | None = field(default=None, metadata={"help": "truncation (default: the model's)"})
+    retain_tokens: int = field(default=0, metadata={
+        "help": "padded tokens per rank whose pass-1 graphs pass 2 reuses instead of re-running (exact; memory)"})
 
 
 def retrieval_evaluator(pairs: dict[str, list[str]]):
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer = ContrastiveTrainer(
         model=model, args=training_args, train_dataset=Dataset.from_dict(data), loss=build_loss(args),
         evaluator=retrieval_evaluator(eval_pairs) if eval_pairs else None, chunk_tokens=args.chunk_tokens,
-        chunk_rows=args.chunk_rows, max_length=args.max_length)
+        chunk_rows=args.chunk_rows, max_length=args.max_length, retain_tokens=args.retain_tokens)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     if eval_pairs:

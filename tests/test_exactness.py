@@ -2,7 +2,8 @@
 
 For 1, 2 and 3 ranks (11 rows: unequal shards for 2 and 3), ZeRO 0, 1, 2, 3,
 fp32, dropout on, chunk budgets giving one chunk, several chunks and one
-sequence per chunk, and two loss settings (query->doc with a fixed
+sequence per chunk, several chunks with the first or every pass-1 graph
+kept for pass 2 (``retain_tokens``), and two loss settings (query->doc with a fixed
 temperature; all four directions with a learnable temperature), with
 duplicate texts in the batch. Each launch runs every combination on real
 processes under the deepspeed launcher.
@@ -19,7 +20,7 @@ UPDATE_TOLERANCE = 1e-4
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_parameters_equal_full_batch_reference(world_size, tiny_model_dir, tmp_path):
     report = run_worker("exactness", world_size, tiny_model_dir, tmp_path, ["--steps", "3"], timeout=900)
-    assert len(report) == 4 * 3 * 2
+    assert len(report) == 4 * 5 * 2
     for key, steps in report.items():
         for step in ("step1", "step3"):
             r = steps[step]
@@ -28,6 +29,16 @@ def test_parameters_equal_full_batch_reference(world_size, tiny_model_dir, tmp_p
             assert r["grad_norm_rel"] < UPDATE_TOLERANCE, (key, step, r)
             calls = r["forward_calls_per_rank"]
             assert len(calls) == world_size and len(set(calls)) == 1, (key, step, calls)
+        for r in steps.values():
+            chunks, kept = r["chunks"], r["kept_chunks"]
+            if "/several_kept/" in key:
+                assert 0 < kept < chunks, (key, r)
+            elif "/all_kept/" in key:
+                assert kept == chunks, (key, r)
+            else:
+                assert kept == 0, (key, r)
+            # every chunk is embedded once in pass 1; pass 2 re-runs only the chunks whose graph was not kept
+            assert r["forward_calls_per_rank"][0] == 2 * chunks - kept, (key, r)
         if "one_per_chunk" in key and world_size > 1:
             # 11 rows cannot split evenly: the smaller shards pad with dummy chunks
             assert steps["step1"]["dummy_chunks"] > 0

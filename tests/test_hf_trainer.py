@@ -1,8 +1,8 @@
 """ContrastiveTrainer (sentence-transformers' Trainer) takes the same step as the core engine.
 
 Two ranks, fp32, dropout on, SGD with gradient clipping 0, a 12-row global
-batch with a duplicate positive across ranks, several chunks per rank: one
-optimizer step through the Trainer against the core engine's step on the same
+batch with a duplicate positive across ranks, several chunks per rank, the first
+chunk's pass-1 graph kept for pass 2: one optimizer step through the Trainer against the core engine's step on the same
 shards and the single-process full-batch reference. Under the deepspeed
 launcher with ZeRO 0, 1, 2 and 3, under ``accelerate launch --use_deepspeed`` (ZeRO-2), under torchrun with DDP (no DeepSpeed), and in one plain process.
 Then ``trainer.save_model()`` and ``SentenceTransformer(path)`` embed like the
@@ -37,6 +37,7 @@ def test_trainer_step_equals_engine_and_reference(case, tiny_model_dir, tmp_path
     assert r["backend"] == expected, r
     assert r["rows_per_rank"] == [6] * ranks and r["distinct_rows"] == 6 * ranks, r  # the dataset was one batch
     assert r["chunks_per_rank"] > 1, r
+    assert 0 < r["kept_chunks"] < r["chunks_per_rank"], r  # pass 2 reused a kept graph and re-ran the rest
     if expected == "TorchBackend(DDP)":  # one reduction, in the last chunk's backward; none before
         calls = r["ddp_reductions_per_chunk"]
         assert len(calls) == r["chunks_per_rank"] and calls[-1] > 0 and not any(calls[:-1]), calls

@@ -19,7 +19,10 @@ from reference import (param_groups, zero_fill_grads, reference_embeddings, refe
                        reference_loss)
 
 ROWS, NEGATIVES, SEED, LR, MAX_LEN = 11, 1, 7, 0.1, 64
-BUDGETS = {"one_chunk": (None, 10**6), "several": (120, None), "one_per_chunk": (None, 1)}
+# (chunk_tokens, chunk_rows, retain_tokens): "several_kept" keeps the first chunks' pass-1 graphs and
+# re-runs the rest; "all_kept" keeps every chunk's (DDP-free backends may keep the last one too).
+BUDGETS = {"one_chunk": (None, 10**6, 0), "several": (120, None, 0), "one_per_chunk": (None, 1, 0),
+           "several_kept": (120, None, 130), "all_kept": (120, None, 10**6)}
 ALL_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 LOSSES = {
     "qd_fixed": lambda guide: dc.InfoNCE(temperature=0.05),
@@ -77,14 +80,14 @@ def rel(a: dict, b: dict, base: dict | None = None) -> float:
 
 def run(model_dir: str, guide_dir: str, stage: int, budget: str, loss_name: str, steps: int) -> dict:
     rank, size = world()
-    tokens, rows = BUDGETS[budget]
+    tokens, rows, retain = BUDGETS[budget]
     loss = LOSSES[loss_name](guide_dir)
     cfg = {"zero_optimization": {"stage": stage, "reduce_bucket_size": 10**8}, "gradient_clipping": 0.0,
            "zero_allow_untested_optimizer": True}
     # SGD, not Adam: Adam's update barely changes when the gradient is scaled (1/W or Wx would pass).
     engine = dc.ContrastiveEngine(load_model(model_dir), loss, ds_config=cfg, chunk_tokens=tokens,
                                   chunk_rows=rows, optimizer=lambda groups: torch.optim.SGD(groups, lr=LR),
-                                  weight_decay=0.01, seed=SEED, max_length=MAX_LEN)
+                                  weight_decay=0.01, seed=SEED, max_length=MAX_LEN, retain_tokens=retain)
     forwards = []
     hook = engine.module.model.register_forward_hook(lambda *a: forwards.append(1))
     ref_model = load_model(model_dir)
@@ -125,6 +128,8 @@ def run(model_dir: str, guide_dir: str, stage: int, budget: str, loss_name: str,
             "grad_norm_rel": abs(metrics["grad_norm"] - ref_norm) / ref_norm,
             "forward_calls_per_rank": counts,
             "dummy_chunks": sum(d for plan in plans for _, d in plan),
+            "chunks": len(plans[0]),
+            "kept_chunks": metrics["kept_chunks"],
             "guide_unpartitioned": unpartitioned,
         }
     hook.remove()

@@ -1,0 +1,106 @@
+"""The step's speed features change nothing but speed: kept pass-1 graphs, prepared batches, vectorized padding.
+
+In one process (no process group), on a tiny random-init BERT with dropout on:
+the gradient of a step that keeps some or all pass-1 graphs, or that is fed a
+batch prepared in the prefetch thread, equals the gradient of the plain
+re-running step on the raw batch.
+"""
+
+import threading
+
+import pytest
+import torch
+from helpers import corpus, load_model
+
+from ds_contrastive import InfoNCE, prefetched
+from ds_contrastive.backends import TorchBackend
+from ds_contrastive.batch import Tokenized, tokenizer_settings
+from ds_contrastive.step import CachedStep
+
+CHUNK_TOKENS = 120
+
+
+def gradient(model_dir, batch, retain_tokens: int = 0, prepare_in_thread: bool = False):
+    torch.manual_seed(0)
+    model = load_model(model_dir)
+    model.train()
+    length, lowercase = tokenizer_settings(model, 64)
+    step = CachedStep(InfoNCE(temperature=0.05), model.tokenizer, length, lowercase, CHUNK_TOKENS, None,
+                      "anchor", "positive", seed=3, retain_tokens=retain_tokens)
+    backend = TorchBackend(model, torch.device("cpu"))
+    fed = next(prefetched(step.prepare, [batch])) if prepare_in_thread else batch
+    out = step.forward_backward(fed, backend, step=0)
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, out
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("retain_tokens,kept", [(130, "some"), (10**6, "all")])
+def test_kept_graphs_give_the_same_gradient(tiny_model_dir, retain_tokens, kept):
+    batch = corpus(16, negatives=1, seed=5)
+    plain, out = gradient(tiny_model_dir, batch)
+    grads, kept_out = gradient(tiny_model_dir, batch, retain_tokens=retain_tokens)
+    assert out.kept_chunks == 0 and len(out.plan) > 2
+    assert 0 < kept_out.kept_chunks < len(out.plan) if kept == "some" else kept_out.kept_chunks == len(out.plan)
+    assert max_difference(plain, grads) == 0.0
+    assert kept_out.metrics["loss"] == out.metrics["loss"]
+
+
+def test_prepared_in_a_thread_gives_the_same_gradient(tiny_model_dir):
+    batch = corpus(16, negatives=1, seed=6)
+    plain, _ = gradient(tiny_model_dir, batch)
+    grads, _ = gradient(tiny_model_dir, batch, prepare_in_thread=True)
+    assert max_difference(plain, grads) == 0.0
+
+
+def test_negative_retain_tokens_is_refused(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    with pytest.raises(ValueError, match="retain_tokens must be >= 0"):
+        CachedStep(InfoNCE(), model.tokenizer, 64, False, 100, None, "anchor", "positive", 0, retain_tokens=-1)
+
+
+def test_padding_matches_a_per_row_loop():
+    ids = [[101, 7, 8, 102], [101, 102], [101, 5, 6, 9, 4, 102], [101, 3, 102]]
+    types = [[0] * len(x) for x in ids]
+    tokens = Tokenized(ids, types, pad_id=0)
+    order = [2, 0, 3]
+    got = tokens.features(order, torch.device("cpu"))
+    width = max(len(ids[i]) for i in order)
+    want_ids = torch.tensor([ids[i] + [0] * (width - len(ids[i])) for i in order])
+    want_mask = torch.tensor([[1] * len(ids[i]) + [0] * (width - len(ids[i])) for i in order])
+    assert torch.equal(got["input_ids"], want_ids)
+    assert torch.equal(got["attention_mask"], want_mask)
+    assert torch.equal(got["token_type_ids"], torch.zeros_like(want_ids))
+    assert tokens.lengths == [4, 2, 6, 3] and len(tokens) == 4
+
+
+def test_prefetched_runs_ahead_in_order_in_another_thread():
+    started, threads = [], set()
+
+    def work(x: int) -> int:
+        started.append(x)
+        threads.add(threading.current_thread().name)
+        return x * x
+
+    results = prefetched(work, range(6), depth=2)
+    assert next(results) == 0
+    assert list(results) == [1, 4, 9, 16, 25]
+    assert started == list(range(6))
+    assert threading.current_thread().name not in threads
+
+
+def test_prefetched_raises_where_the_failure_is():
+    def items():
+        yield 1
+        yield 2
+        raise OSError("disk gone")
+
+    results = prefetched(str, items())
+    assert [next(results), next(results)] == ["1", "2"]
+    with pytest.raises(OSError, match="disk gone"):
+        next(results)
+    with pytest.raises(ValueError, match="depth"):
+        next(prefetched(str, [1], depth=0))
