@@ -6,7 +6,9 @@ Run under the deepspeed launcher (2 CPU ranks, gloo):
 
 On a small random-init BERT (hidden 128, 4 layers) and a global batch of
 variable-length (anchor, positive, hard negative) texts, for ZeRO-2 and
-ZeRO-3 it records per step, on every rank:
+ZeRO-3, each re-running every chunk in pass 2 (``retain_tokens=0``) and
+keeping every pass-1 graph, with the next shard tokenized in the prefetch
+thread, it records per step, on every rank:
 
 - the engine's step time (median over the timed steps);
 - the floor: a no-grad forward plus a forward/backward of exactly the chunks
@@ -70,7 +72,7 @@ def floor_seconds(model, tokens, plan, reps: int) -> float:
     return statistics.median(times)
 
 
-def run(model_dir: str, stage: int, rows: int, chunk_tokens: int, steps: int) -> dict:
+def run(model_dir: str, stage: int, retain: int, rows: int, chunk_tokens: int, steps: int) -> dict:
     import deepspeed.comm.comm as ds_comm
     from helpers import load_model
 
@@ -79,7 +81,7 @@ def run(model_dir: str, stage: int, rows: int, chunk_tokens: int, steps: int) ->
     from ds_contrastive.distributed import all_gather_objects, world
 
     rank, size = world()
-    engine = dc.ContrastiveEngine(load_model(model_dir), dc.InfoNCE(), chunk_tokens=chunk_tokens,
+    engine = dc.ContrastiveEngine(load_model(model_dir), dc.InfoNCE(), chunk_tokens=chunk_tokens, retain_tokens=retain,
                                   ds_config={"zero_optimization": {"stage": stage}, "gradient_clipping": 1.0})
     # reducing collectives, by phase: from the first pass-2 backward to step() (the gradient reductions,
     # including the flush when the coalescing context closes), or in step() (gradient norm, overflow check)
@@ -107,18 +109,20 @@ def run(model_dir: str, stage: int, rows: int, chunk_tokens: int, steps: int) ->
     forwards = {"n": 0}
     engine.module.model.register_forward_hook(lambda *a: forwards.__setitem__("n", forwards["n"] + 1))
     per_step = []
-    for step in range(steps + 1):  # step 0 warms up
-        batch = texts(rows, seed=100 + step)
-        shard = {k: v[rank::size] for k, v in batch.items()}
+    shards = [{k: v[rank::size] for k, v in texts(rows, seed=100 + step).items()} for step in range(steps + 1)]
+    # as launch/train.py does: the next shard is tokenized in a background thread during this step
+    for step, prepared in enumerate(dc.prefetched(engine.prepare, shards)):  # step 0 warms up
         reductions.update(backward=0, step=0)
         forwards["n"] = 0
         start = time.perf_counter()
-        metrics = engine.train_step(shard)
+        metrics = engine.train_step(prepared)
         seconds = time.perf_counter() - start
         per_step.append({"seconds": seconds, "backward_reductions": reductions["backward"],
                          "step_reductions": reductions["step"], "forwards": forwards["n"],
-                         "chunks": len(engine.last_plan), "tokens_per_second": metrics["tokens_per_second"],
+                         "chunks": len(engine.last_plan), "kept": metrics["kept_chunks"],
+                         "tokens_per_second": metrics["tokens_per_second"],
                          "padding_fraction": metrics["padding_fraction"]})
+    shard = shards[-1]
     # the floor of the last step's chunks, on a plain copy of the model
     plain = load_model(model_dir).train()
     validated = validate_shard(shard, "anchor", "positive")
@@ -132,10 +136,12 @@ def run(model_dir: str, stage: int, rows: int, chunk_tokens: int, steps: int) ->
         "optimizer_step_reductions_per_step": sorted({s["step_reductions"] for s in timed}),
         "forward_calls_per_step": sorted({s["forwards"] for s in timed}),
         "chunks": timed[-1]["chunks"],
+        "kept_chunks": timed[-1]["kept"],
         "padding_fraction": statistics.mean(s["padding_fraction"] for s in timed),
     }
     mine["step_over_floor"] = mine["step_seconds"] / floor
-    return {"rank": all_gather_objects(mine), "global_batch": rows, "ranks": size, "zero_stage": stage}
+    return {"rank": all_gather_objects(mine), "global_batch": rows, "ranks": size, "zero_stage": stage,
+            "retain_tokens": retain}
 
 
 def main() -> None:
@@ -144,6 +150,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=512)
     parser.add_argument("--chunk_tokens", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--retain", default="0,1000000", help="retain_tokens values to run (comma-separated)")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     from helpers import tiny_bert_dir
@@ -155,16 +162,18 @@ def main() -> None:
     model_dir = tiny_bert_dir(root, hidden=128, layers=4, dropout=0.1) if world()[0] == 0 else None
     model_dir = all_gather_objects(str(model_dir) if model_dir else None)[0]
     report = {"machine": "CPU (2 cores), gloo", "torch": torch.__version__, "model": "random BERT 128x4",
-              "runs": [run(model_dir, stage, args.rows, args.chunk_tokens, args.steps) for stage in (2, 3)]}
+              "runs": [run(model_dir, stage, int(retain), args.rows, args.chunk_tokens, args.steps)
+                       for stage in (2, 3) for retain in args.retain.split(",")]}
     if world()[0] == 0:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
         for r in report["runs"]:
             for k, m in enumerate(r["rank"]):
-                print(f"zero{r['zero_stage']} rank {k}: step {m['step_seconds']:.3f} s, floor {m['floor_seconds']:.3f} s, "
+                print(f"zero{r['zero_stage']} retain {r['retain_tokens']} rank {k}: step {m['step_seconds']:.3f} s, floor {m['floor_seconds']:.3f} s, "
                       f"x{m['step_over_floor']:.2f}, gradient reductions/step {m['gradient_reductions_per_step']} "
                       f"(+{m['optimizer_step_reductions_per_step']} in step()), "
-                      f"forwards/step {m['forward_calls_per_step']}, chunks {m['chunks']}", flush=True)
+                      f"forwards/step {m['forward_calls_per_step']}, chunks {m['chunks']} (kept {m['kept_chunks']:.0f})",
+                      flush=True)
     shutdown()
 
 

@@ -98,6 +98,7 @@ class Tokenized:
 
     @property
     def lengths(self) -> list[int]:
+        """Token count of each text (a new list: index it once, not inside a loop)."""
         return self._lengths.tolist()
 
     def padded(self, indices: Sequence[int], pin: bool = False) -> dict[str, torch.Tensor]:

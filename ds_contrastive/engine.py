@@ -167,7 +167,8 @@ class ContrastiveEngine:
             self.module.model.save(str(path))
             (path / "ds_contrastive.json").write_text(json.dumps(info, indent=2) + "\n")
 
-        save_consolidated(list(self.module.parameters()), self.zero_stage == 3, self.rank == 0, write, f"{path} (rank 0)")
+        save_consolidated(list(self.module.parameters()), self.zero_stage == 3, self.rank == 0, write,
+                          f"{path} (rank 0)", self.module.model)
 
     def temperature(self) -> float:
         """The current temperature (the learnable one if it is learned)."""

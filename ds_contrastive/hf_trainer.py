@@ -223,7 +223,7 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
         output_dir = output_dir or self.args.output_dir
         params = list(self.model.parameters())
         zero3 = any(hasattr(p, "ds_id") for p in params)  # also a model partitioned at load, before any engine
-        save_consolidated(params, zero3, self.args.should_save, lambda: self._save(output_dir), output_dir)
+        save_consolidated(params, zero3, self.args.should_save, lambda: self._save(output_dir), output_dir, self.model)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 

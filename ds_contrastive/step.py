@@ -52,7 +52,9 @@ def by_row(flat: torch.Tensor, rows: int) -> torch.Tensor:
 def check_dims(model: object, loss: InfoNCE | Matryoshka) -> None:
     """Refuse Matryoshka sizes larger than the model's embedding."""
     dims = getattr(loss, "dims", ())
-    size = model.get_sentence_embedding_dimension() if hasattr(model, "get_sentence_embedding_dimension") else None
+    # sentence-transformers 6.2 renamed get_sentence_embedding_dimension (deprecated) to get_embedding_dimension
+    getter = getattr(model, "get_embedding_dimension", None) or getattr(model, "get_sentence_embedding_dimension", None)
+    size = getter() if getter else None
     if size and any(d > size for d in dims):
         raise ValueError(f"Matryoshka dims {dims} exceed the model's embedding size {size}")
 
@@ -111,6 +113,7 @@ class Prepared:
     plan: ChunkPlan | None
     hashes: torch.Tensor | None
     error: str | None
+    settings: tuple
 
 
 class CachedStep:
@@ -133,7 +136,10 @@ class CachedStep:
             graph is the very forward a re-run would repeat. It costs the
             activation memory of those chunks (roughly layers x hidden x 34
             bytes per token in bf16, plus the attention maps) held through the
-            gather and the loss. 0 re-runs every chunk (the GradCache default).
+            gather and the loss. Under ZeRO-3 a kept chunk's backward also holds
+            the whole model's parameters gathered until it ends (DeepSpeed frees
+            a module's parameters after backward by a counter that every later
+            forward resets). 0 re-runs every chunk (the GradCache default).
     """
 
     def __init__(self, loss: InfoNCE | Matryoshka, tokenizer: object, max_length: int, lowercase: bool,
@@ -164,7 +170,12 @@ class CachedStep:
             hashes = by_row(text_hashes(shard.flat()), shard.rows)
         except Exception as e:  # noqa: BLE001 - agreed on and raised on every rank in _agree
             error = str(e) if isinstance(e, BatchError) else f"{type(e).__name__}: {e}"
-        return Prepared(shard, tokens, plan, hashes, error)
+        return Prepared(shard, tokens, plan, hashes, error, self._settings())
+
+    def _settings(self) -> tuple:
+        """What a prepared batch depends on: a batch prepared under other settings is refused."""
+        return (type(self.tokenizer).__name__, len(self.tokenizer), self.max_length, self.lowercase,
+                self.chunk_tokens, self.chunk_rows, self.anchor_column, self.positive_column)
 
     def forward_backward(self, batch: Mapping[str, list[str]] | Prepared, backend: Backend, step: int
                          ) -> StepOutput:
@@ -192,25 +203,29 @@ class CachedStep:
         prepared = batch if isinstance(batch, Prepared) else self.prepare(batch)
         plan, counts = self._agree(prepared)
         shard, tokens = prepared.shard, prepared.tokens
-        kept = self._kept_count(plan, tokens, backend) if backward else 0
-        t1 = time.perf_counter()
         chunks = Chunks(plan, tokens, backend.device)
-        local, scale, graphs = self._pass1(backend, chunks, shard.rows, step, kept)
-        t2 = time.perf_counter()
-        guide = self.guide.embed(shard.flat()) if self.guide is not None else None
-        t3 = time.perf_counter()
+        kept = self._kept_count(chunks, backend) if backward else 0
+        t1 = time.perf_counter()
+        graphs: list[Embedded] = []
+        try:  # kept graphs hold activations: never let an exception's traceback keep them alive
+            local, scale = self._pass1(backend, chunks, shard.rows, step, kept, graphs)
+            t2 = time.perf_counter()
+            guide = self.guide.embed(shard.flat()) if self.guide is not None else None
+            t3 = time.perf_counter()
 
-        offset = sum(counts[:rank])
-        embeddings = gather_rows(local, counts)
-        hashes = gather_rows(prepared.hashes.to(backend.device), counts)
-        if guide is not None:
-            guide = gather_rows(by_row(guide, shard.rows), counts)
-        result = self.loss.compute(embeddings, hashes, offset, shard.rows, scale, guide)
-        grad = sum_to_owners(result.grad, counts) if backward else None
-        t4 = time.perf_counter()
-        if grad is not None:
-            self._pass2(backend, chunks, graphs, grad, result.grad_scale, step)
-        t5 = time.perf_counter()
+            offset = sum(counts[:rank])
+            embeddings = gather_rows(local, counts)
+            hashes = gather_rows(prepared.hashes.to(backend.device), counts)
+            if guide is not None:
+                guide = gather_rows(by_row(guide, shard.rows), counts)
+            result = self.loss.compute(embeddings, hashes, offset, shard.rows, scale, guide)
+            grad = sum_to_owners(result.grad, counts) if backward else None
+            t4 = time.perf_counter()
+            if grad is not None:
+                self._pass2(backend, chunks, graphs, grad, result.grad_scale, step)
+            t5 = time.perf_counter()
+        finally:
+            graphs.clear()
 
         n = sum(counts)
         keys = sorted(result.sums)
@@ -222,8 +237,13 @@ class CachedStep:
 
     def _agree(self, prepared: Prepared) -> tuple[ChunkPlan, list[int]]:
         """Agree with every rank on errors, columns, shard sizes and the chunk count, or fail on every rank."""
+        error = prepared.error
+        if prepared.settings != self._settings():
+            error = ("this batch was prepared by another step (different tokenizer, max_length, chunking or "
+                     "columns): prepare it with this engine's prepare()")
         info = {
-            "error": prepared.error,
+            "error": error,
+            "retain_tokens": self.retain_tokens,
             "columns": prepared.shard.columns if prepared.shard else None,
             "rows": prepared.shard.rows if prepared.shard else 0,
             "chunks": len(prepared.plan) if prepared.plan else 0,
@@ -232,13 +252,16 @@ class CachedStep:
         errors = [f"rank {r}: {i['error']}" for r, i in enumerate(infos) if i["error"]]
         if errors:
             raise BatchError("bad batch: " + "; ".join(errors))
+        if len({i["retain_tokens"] for i in infos}) > 1:  # they would run different collectives
+            found = ", ".join(f"rank {r}: {i['retain_tokens']}" for r, i in enumerate(infos))
+            raise ValueError(f"ranks were given different retain_tokens ({found})")
         if any(i["columns"] != infos[0]["columns"] for i in infos):
             found = ", ".join(f"rank {r}: {i['columns']}" for r, i in enumerate(infos))
             raise BatchError(f"bad batch: ranks have different columns ({found})")
         counts = [i["rows"] for i in infos]
         return balance_chunk_count(prepared.plan, max(i["chunks"] for i in infos)), counts
 
-    def _kept_count(self, plan: ChunkPlan, tokens: Tokenized, backend: Backend) -> int:
+    def _kept_count(self, chunks: Chunks, backend: Backend) -> int:
         """How many leading chunks keep their pass-1 graph: the same count on every rank.
 
         Under ZeRO-3 every forward and backward gathers parameters
@@ -246,15 +269,15 @@ class CachedStep:
         whose last forward must open the gradient reduction (DDP) re-runs its
         last chunk.
         """
-        if self.retain_tokens == 0:
+        if self.retain_tokens == 0:  # the same on every rank (agreed in _agree)
             return 0
         budget, kept = self.retain_tokens, 0
-        for cost in padded_sizes(plan, tokens):
+        for cost in chunks.sizes:
             if cost > budget:
                 break
             budget, kept = budget - cost, kept + 1
         if backend.last_forward_reduces:
-            kept = min(kept, len(plan) - 1)
+            kept = min(kept, len(chunks) - 1)
         return min_over_ranks(kept, backend.device)
 
     @contextlib.contextmanager
@@ -268,15 +291,14 @@ class CachedStep:
                 torch.cuda.manual_seed(seed)  # this rank's device only; fork_rng restores it
             yield
 
-    def _pass1(self, backend: Backend, chunks: Chunks, rows: int, step: int, kept: int
-               ) -> tuple[torch.Tensor, float, list[Embedded]]:
-        """Embeddings of every sequence: [rows, columns, dim] in fp32, the scale, and the kept graphs.
+    def _pass1(self, backend: Backend, chunks: Chunks, rows: int, step: int, kept: int, graphs: list[Embedded]
+               ) -> tuple[torch.Tensor, float]:
+        """Embeddings of every sequence: [rows, columns, dim] in fp32, and the scale.
 
         The first ``kept`` chunks run with grad (under the backend's
-        no-reduction context) and their outputs are returned for pass 2; the
-        others run without grad.
+        no-reduction context) and their outputs are appended to ``graphs`` for
+        pass 2; the others run without grad.
         """
-        graphs: list[Embedded] = []
         outputs: list[torch.Tensor] = []
         learned = None
         for c in range(len(chunks)):
@@ -288,7 +310,7 @@ class CachedStep:
                 graphs.append((emb, learned))
             outputs.append(emb.detach())
         scale = float(learned) if learned is not None else 1.0 / self.loss.temperature
-        return by_row(chunks.unsort(outputs), rows), scale, graphs
+        return by_row(chunks.unsort(outputs), rows), scale
 
     def _pass2(self, backend: Backend, chunks: Chunks, graphs: list[Embedded], grad: torch.Tensor,
                grad_scale: float, step: int) -> None:
@@ -337,8 +359,8 @@ class Chunks:
         self._padded: dict[int, dict[str, torch.Tensor]] = {}
         real = [c for c in plan.chunks if not c.dummy]
         self._order = torch.tensor([i for c in real for i in c.indices], dtype=torch.long).to(device)
-        sizes = padded_sizes(plan, tokens)
-        self.padded_tokens = float(sum(s for s, c in zip(sizes, plan.chunks) if not c.dummy))
+        self.sizes = padded_sizes(plan, tokens)
+        self.padded_tokens = float(sum(s for s, c in zip(self.sizes, plan.chunks) if not c.dummy))
         self.real_tokens = float(sum(tokens.lengths))
 
     def __len__(self) -> int:

@@ -31,8 +31,8 @@ def test_parameters_equal_full_batch_reference(world_size, tiny_model_dir, tmp_p
             assert len(calls) == world_size and len(set(calls)) == 1, (key, step, calls)
         for r in steps.values():
             chunks, kept = r["chunks"], r["kept_chunks"]
-            if "/several_kept/" in key:
-                assert 0 < kept < chunks, (key, r)
+            if "/several_kept/" in key:  # kept backwards back to back, then re-run chunks
+                assert 2 <= kept < chunks, (key, r)
             elif "/all_kept/" in key:
                 assert kept == chunks, (key, r)
             else:

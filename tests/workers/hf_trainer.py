@@ -27,8 +27,6 @@ from typing import ClassVar
 import torch
 
 PER_DEVICE, NEGATIVES, SEED, LR, MAX_LEN, CHUNK_TOKENS = 6, 1, 11, 0.1, 64, 120
-# The Trainer keeps its first pass-1 graph for pass 2 (the engine it is compared with re-runs every chunk).
-RETAIN_TOKENS = 130
 
 
 def global_batch(rows: int) -> dict[str, list[str]]:
@@ -44,6 +42,8 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--stage", type=int, required=True)
+    # the Trainer keeps this many padded tokens of pass-1 graphs (the engine it is compared with keeps none)
+    parser.add_argument("--retain_tokens", type=int, required=True)
     parser.add_argument("--local_rank", type=int, default=0)
     parser.add_argument("--ds_from_launcher", action="store_true",
                         help="DeepSpeed configured by `accelerate launch --use_deepspeed`, not by the arguments")
@@ -111,7 +111,7 @@ def main() -> None:
 
     trainer = Recording(model=trainer_model, args=training_args, train_dataset=Dataset.from_dict(batch),
                         loss=dc.InfoNCE(temperature=0.05), chunk_tokens=CHUNK_TOKENS, max_length=MAX_LEN,
-                        retain_tokens=RETAIN_TOKENS)
+                        retain_tokens=args.retain_tokens)
     trainer.train()
     rank = world()[0]
     shard = trainer.shards[0]

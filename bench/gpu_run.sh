@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The one command to run on the GPU machine (issue 5): install the carried wheels, run the benchmark.
+#
+#   bash bench/prepare_gpu_wheels.sh      # once, on the development machine: fills .whl/ (~6 MiB)
+#   bash bench/gpu_run.sh                 # on the GPU machine, from the repository root, with .whl/ carried
+#
+# Writes <card>-<date>.json, <card>-<date>.md (the table), gpu_throughput.log and nvidia-smi.txt into
+# $OUT (the device tool's output folder) or, without $OUT, into bench/results/. Extra arguments go to
+# bench/gpu_throughput.py (e.g. --items fixed-bert-large-16k, --budget 300, --retain 0).
+# BUDGET_S (default 430) is the script's own time budget: it skips what no longer fits and its
+# watchdog exits 35 s after it, so the whole command ends in under 8 minutes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/results}"
+mkdir -p "$OUT"
+
+# DeepSpeed 0.19.8 (+ hjson, pydantic & co.) and this package, built on the development machine;
+# --target keeps the image's own packages untouched.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "installing the carried wheels failed (run bench/prepare_gpu_wheels.sh first)"; exit 3; }
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+export TORCH_CUDA_ARCH_LIST=9.0   # the image's 9.0a breaks DeepSpeed's op builder (no op is built, but it is parsed)
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/nvidia-smi.txt" 2>&1
+cat "$OUT/nvidia-smi.txt"
+python3 bench/gpu_throughput.py --out "$OUT/" --budget "${BUDGET_S:-430}" "$@" 2>&1 | tee "$OUT/gpu_throughput.log"
+exit "${PIPESTATUS[0]}"
