@@ -21,6 +21,7 @@ from .engine import ContrastiveEngine
 from .guided import GuidedInfoNCE
 from .losses import InfoNCE
 from .matryoshka import Matryoshka
+from .mixture import MixedBatches, Source
 from .prefetch import prefetched
 from .train_config import BUILTIN_DATA, BUILTIN_MODEL, TrainConfig, argument_parser, load_train_config
 
@@ -62,6 +63,25 @@ def load_train_data(cfg: TrainConfig) -> dict[str, list[str]]:
     if cfg.max_train_examples:
         data = {k: v[: cfg.max_train_examples] for k, v in data.items()}
     return data
+
+
+def load_mixture(cfg: TrainConfig) -> MixedBatches:
+    """The ``datasets`` of the config as one mixture; columns default to the config's top-level ones."""
+    sources = []
+    for i, entry in enumerate(cfg.datasets):
+        anchor = entry.get("anchor_column", cfg.anchor_column)
+        positive = entry.get("positive_column", cfg.positive_column)
+        negatives = entry.get("negative_columns", cfg.negative_columns)
+        data = load_pairs(entry["path"], [anchor, positive, *negatives])
+        limit = entry.get("max_examples", cfg.max_train_examples)
+        if limit:
+            data = {k: v[:limit] for k, v in data.items()}
+        check_same_data(data)
+        name = entry.get("name", Path(entry["path"]).stem)
+        sources.append(Source(name, GlobalBatches(data, cfg.global_batch_size, cfg.seed + 1000 * i),
+                              float(entry.get("weight", 1.0)), anchor, positive, entry.get("query_prefix", ""),
+                              entry.get("document_prefix", "")))
+    return MixedBatches(sources, cfg.seed)
 
 
 def load_eval_data(cfg: TrainConfig) -> dict[str, list[str]] | None:
@@ -175,13 +195,19 @@ def train(cfg: TrainConfig, ds_config_path: str) -> dict[str, Any]:
     init_process_group()
     rank, world_size = world()
     ds_config = apply_precision(load_ds_config(ds_config_path), cfg.precision)
-    data = load_train_data(cfg)
-    check_same_data(data)
-    batches = GlobalBatches(data, cfg.global_batch_size, cfg.seed)
+    if cfg.datasets:
+        batches = load_mixture(cfg)
+        examples = sum(source.batches.rows for source in batches.sources)
+    else:
+        data = load_train_data(cfg)
+        check_same_data(data)
+        batches = MixedBatches([Source("train", GlobalBatches(data, cfg.global_batch_size, cfg.seed), 1.0,
+                                       cfg.anchor_column, cfg.positive_column)], cfg.seed)
+        examples = len(data[cfg.anchor_column])
     total_steps = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
     eval_pairs = load_eval_data(cfg)
     model = load_model(cfg.model)
-    summary: dict[str, Any] = {"world_size": world_size, "steps": total_steps, "train_examples": len(data["anchor"])}
+    summary: dict[str, Any] = {"world_size": world_size, "steps": total_steps, "train_examples": examples}
     if eval_pairs and rank == 0:
         summary["before"] = evaluate(model, eval_pairs)
         print(f"held-out retrieval before training: {_fmt(summary['before'])}", flush=True)
@@ -189,7 +215,7 @@ def train(cfg: TrainConfig, ds_config_path: str) -> dict[str, Any]:
     engine = ContrastiveEngine(
         model, build_loss(cfg), ds_config=ds_config, chunk_tokens=cfg.chunk_tokens, chunk_rows=cfg.chunk_rows, lr=cfg.lr,
         weight_decay=cfg.weight_decay, lr_scheduler=warmup_linear_decay(total_steps, cfg.warmup_ratio),
-        anchor_column=cfg.anchor_column, positive_column=cfg.positive_column, seed=cfg.seed,
+        anchor_column="anchor", positive_column="positive", seed=cfg.seed,  # the roles MixedBatches names
         max_length=cfg.max_length, retain_tokens=cfg.retain_tokens,
     )
     tracker = Tracker(cfg, engine.config, rank)
@@ -200,9 +226,12 @@ def train(cfg: TrainConfig, ds_config_path: str) -> dict[str, Any]:
         progress = tqdm(total=total_steps, desc="train", dynamic_ncols=True, file=sys.stdout)
     shards = (batches.shard(step, rank, world_size) for step in range(total_steps))
     # the next shard is read and tokenized in a background thread while this step runs
-    for step, prepared in enumerate(prefetched(engine.prepare, shards)):
+    for step, (name, prepared) in enumerate(prefetched(lambda item: (item[0], engine.prepare(item[1])), shards)):
         metrics = engine.train_step(prepared)
-        tracker.log({f"train/{k}": v for k, v in metrics.items()}, step + 1)
+        logged = {f"train/{k}": v for k, v in metrics.items()}
+        if cfg.datasets:  # each step's batch comes from one dataset
+            logged.update({f"train/{name}/loss": metrics["loss"], f"train/{name}/accuracy": metrics["accuracy"]})
+        tracker.log(logged, step + 1)
         if progress is not None:
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_second']:.1f}")
             progress.update()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ class TrainConfig:
 
     model: str = BUILTIN_MODEL  # a SentenceTransformer directory, or the packaged all-MiniLM-L6-v2
     train_data: str = BUILTIN_DATA  # JSONL/CSV/Parquet/save_to_disk path, or stdlib docstring pairs
+    datasets: list[dict[str, Any]] = field(default_factory=list)  # several datasets instead of train_data
     eval_data: str | None = BUILTIN_DATA  # held-out (anchor, positive) pairs for retrieval metrics; null: none
     eval_pairs: int = 300  # most held-out pairs evaluated
     anchor_column: str = "anchor"
@@ -80,6 +83,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1 or null, got {value}")
+        if self.datasets and self.train_data != BUILTIN_DATA:
+            raise ConfigError("set train_data or datasets, not both")
+        for i, entry in enumerate(self.datasets):
+            check_dataset_entry(i, entry)
         if self.retain_tokens < 0:
             raise ConfigError(f"retain_tokens must be >= 0, got {self.retain_tokens}")
         if self.chunk_tokens is None and self.chunk_rows is None:
@@ -92,6 +99,35 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
 
 
+DATASET_KEYS: dict[str, Any] = {
+    "path": str, "name": str, "weight": float, "anchor_column": str, "positive_column": str,
+    "negative_columns": list, "query_prefix": str, "document_prefix": str, "max_examples": int,
+}
+
+
+def check_dataset_entry(index: int, entry: Any) -> None:
+    """One ``datasets`` entry: a mapping with a ``path`` and only known keys of the right types."""
+    where = f"datasets[{index}]"
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where} must be a mapping (path, weight, columns, prefixes), got {type(entry).__name__}")
+    if "path" not in entry:
+        raise ConfigError(f"{where} has no 'path'")
+    for key, value in entry.items():
+        if key not in DATASET_KEYS:
+            close = difflib.get_close_matches(key, DATASET_KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+        want = DATASET_KEYS[key]
+        ok = isinstance(value, want) and not isinstance(value, bool)
+        if want is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+        if want is list:
+            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        if not ok:
+            raise ConfigError(f"{where}.{key} must be {'a number > 0' if want is float else want.__name__}"
+                              f"{' of strings' if want is list else ''}, got {value!r}")
+
+
 def _field_types() -> dict[str, Any]:
     hints = typing.get_type_hints(TrainConfig)
     return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
@@ -100,6 +136,15 @@ def _field_types() -> dict[str, Any]:
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Convert ``value`` (from YAML or the command line) to the field's type, or raise ConfigError."""
     args = typing.get_args(hint)
+    if hint == list[dict[str, Any]]:  # datasets: YAML list of mappings, or JSON on the command line
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{key} on the command line must be JSON: {e}") from None
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list of mappings, got {type(value).__name__}")
+        return value
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
             return None

@@ -25,6 +25,14 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.negative_columns == ["neg_a", "neg_b"]
 
 
+def test_datasets_from_yaml_or_json_on_the_command_line(tmp_path):
+    path = write(tmp_path, "datasets:\n  - {path: a.jsonl, weight: 3, query_prefix: 'query: '}\n  - {path: b.jsonl}\n")
+    assert load_train_config(path, {}).datasets == [{"path": "a.jsonl", "weight": 3, "query_prefix": "query: "},
+                                                     {"path": "b.jsonl"}]
+    cfg = load_train_config(None, {"datasets": '[{"path": "c.jsonl", "name": "c", "max_examples": 10}]'})
+    assert cfg.datasets == [{"path": "c.jsonl", "name": "c", "max_examples": 10}]
+
+
 def test_defaults_are_the_quickstart():
     assert load_train_config(None, {}) == TrainConfig()
 
@@ -41,6 +49,14 @@ def test_defaults_are_the_quickstart():
         ("precision: fp16\n", {}, "precision must be 'bf16', 'fp32' or null"),
         ("chunk_tokens: null\n", {}, "set chunk_tokens, chunk_rows, or both"),
         ("- a\n- b\n", {}, "must be a mapping"),
+        ("datasets: [{weight: 1}]\n", {}, "datasets[0] has no 'path'"),
+        ("datasets: [{path: a.jsonl, wieght: 2}]\n", {}, "datasets[0]: unknown key 'wieght' (did you mean 'weight'?)"),
+        ("datasets: [{path: a.jsonl}, {path: b.jsonl, weight: 0}]\n", {}, "datasets[1].weight must be a number > 0"),
+        ("datasets: [{path: a.jsonl, negative_columns: neg}]\n", {}, "datasets[0].negative_columns must be list"),
+        ("datasets: [a.jsonl]\n", {}, "datasets[0] must be a mapping"),
+        ("datasets: {path: a.jsonl}\n", {}, "datasets must be a list of mappings"),
+        ("train_data: t.jsonl\ndatasets: [{path: a.jsonl}]\n", {}, "set train_data or datasets, not both"),
+        ("", {"datasets": "[{path: a.jsonl}]"}, "datasets on the command line must be JSON"),
     ],
 )
 def test_bad_config_names_the_problem(tmp_path, text, overrides, message):
