@@ -2,7 +2,7 @@
 
 from .batch import BatchError
 from .ds_config import ConfigError
-from .engine import ContrastiveEngine
+from .engine import ContrastiveEngine, NonFiniteLoss
 from .guide import Guide
 from .guided import GuidedInfoNCE
 from .losses import InfoNCE
@@ -10,7 +10,7 @@ from .matryoshka import Matryoshka
 from .prefetch import prefetched
 
 __all__ = ["BatchError", "ConfigError", "ContrastiveEngine", "ContrastiveTrainer", "Guide", "GuidedInfoNCE", "InfoNCE",
-           "Matryoshka", "prefetched"]
+           "Matryoshka", "NonFiniteLoss", "prefetched"]
 
 
 def __getattr__(name: str) -> object:

@@ -28,6 +28,11 @@ from .module import EmbeddingModule
 from .saving import save_consolidated
 from .step import CachedStep, Prepared, check_dims
 
+
+class NonFiniteLoss(RuntimeError):
+    """Too many consecutive steps had a non-finite loss; raised on every rank alike."""
+
+
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
@@ -65,6 +70,10 @@ class ContrastiveEngine:
         retain_tokens: padded tokens per rank whose pass-1 graphs pass 2
             reuses instead of re-running their forward (exact; costs their
             activation memory). See :class:`~ds_contrastive.step.CachedStep`.
+        max_nonfinite_steps: a step whose loss or embedding gradient is not
+            finite on some rank is skipped on every rank (no update, the LR
+            schedule does not advance, the batch is consumed) and counted;
+            this many in a row raise :class:`NonFiniteLoss` on every rank.
     """
 
     def __init__(
@@ -83,6 +92,7 @@ class ContrastiveEngine:
         seed: int = 0,
         max_length: int | None = None,
         retain_tokens: int = 0,
+        max_nonfinite_steps: int = 10,
     ) -> None:
         import deepspeed
 
@@ -118,7 +128,12 @@ class ContrastiveEngine:
         self.guide = self.step.guide
         if self.guide is not None:
             self.guide.to(self.device)
+        if max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
+        self.max_nonfinite_steps = max_nonfinite_steps
         self.global_step = 0
+        self.skipped_steps = 0  # steps skipped for a non-finite loss, in all
+        self.consecutive_skips = 0
         self.last_plan: ChunkPlan | None = None
 
     # --- the step -----------------------------------------------------------------
@@ -146,11 +161,23 @@ class ContrastiveEngine:
         out = self.step.forward_backward(batch, self.backend, self.global_step)
         self.last_plan = out.plan
         t_step = time.perf_counter()
-        norm = self.backend.step()
         self.global_step += 1
+        if out.finite:
+            norm = self.backend.step()
+            self.consecutive_skips = 0
+        else:  # pass 2 did not run: no gradient anywhere, nothing to undo
+            norm = float("nan")
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            if self.consecutive_skips >= self.max_nonfinite_steps:
+                raise NonFiniteLoss(
+                    f"{self.consecutive_skips} consecutive steps (up to step {self.global_step}) had a non-finite "
+                    f"loss or gradient and were skipped ({self.skipped_steps} in all); check the data, the "
+                    "learning rate and the temperature")
         end = time.perf_counter()
         return {**out.report(end - start, self.device), "lr": float(self.engine.get_lr()[0]), "grad_norm": norm,
-                "time_optimizer": end - t_step}
+                "time_optimizer": end - t_step, "skipped": float(not out.finite),
+                "skipped_steps": float(self.skipped_steps)}
 
     # --- saving ---------------------------------------------------------------------
 

@@ -165,11 +165,13 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
         backend = self.backend(model)
         out = self.cached_step.forward_backward(inputs, backend, self.state.global_step)
         t1 = time.perf_counter()
-        if isinstance(backend, DeepSpeedBackend):
+        if isinstance(backend, DeepSpeedBackend) and out.finite:
             # what accelerator.backward does at a boundary; the Trainer's optimizer.step() is a no-op here
             self.deepspeed_grad_norm = backend.step()
+        # a non-finite loss on some rank: pass 2 did not run, so no parameter has a gradient and the
+        # optimizer's step changes nothing (DeepSpeed's is not taken at all)
         t2 = time.perf_counter()
-        metrics = out.report(t2 - t0, backend.device)
+        metrics = {**out.report(t2 - t0, backend.device), "skipped": float(not out.finite)}
         if isinstance(backend, DeepSpeedBackend):
             metrics["time_optimizer"] = t2 - t1
         return self.track(metrics, backend.device)

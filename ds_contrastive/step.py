@@ -28,6 +28,7 @@ over the W ranks, so every rank ends with dL/dtheta.
 from __future__ import annotations
 
 import contextlib
+import math
 import resource
 import threading
 import time
@@ -40,7 +41,7 @@ from .backends import Backend
 from .batch import BatchError, Shard, Tokenized, text_hashes, to_device, tokenize, validate_shard
 from .chunking import ChunkPlan, balance_chunk_count, chunk_seed, plan_chunks
 from .distributed import all_gather_objects, gather_rows, min_over_ranks, sum_scalars, sum_to_owners, world
-from .losses import InfoNCE
+from .losses import InfoNCE, LossResult
 from .matryoshka import Matryoshka
 
 
@@ -71,6 +72,7 @@ class StepOutput:
     padded_tokens: float
     times: dict[str, float]
     kept_chunks: int = 0
+    finite: bool = True  # False: the loss or its gradient was not finite on some rank; pass 2 did not run
 
     def report(self, seconds: float, device: torch.device) -> dict[str, float]:
         """The loss metrics, temperature, throughput over ``seconds``, phase times and peak memory."""
@@ -86,6 +88,12 @@ class StepOutput:
             **self.times,
             "peak_memory_gb": peak_memory_gb(device),
         }
+
+
+def is_finite(result: LossResult) -> bool:
+    """Whether this rank's loss sums, logit-scale gradient and embedding gradients are all finite."""
+    values = [*result.sums.values(), result.grad_scale]
+    return all(math.isfinite(v) for v in values) and bool(torch.isfinite(result.grad).all())
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -219,7 +227,9 @@ class CachedStep:
             if guide is not None:
                 guide = gather_rows(by_row(guide, shard.rows), counts)
             result = self.loss.compute(embeddings, hashes, offset, shard.rows, scale, guide)
-            grad = sum_to_owners(result.grad, counts) if backward else None
+            # a non-finite loss or cached gradient on any rank: every rank skips pass 2 (no parameter gradient)
+            finite = min_over_ranks(int(is_finite(result)), backend.device) == 1
+            grad = sum_to_owners(result.grad, counts) if backward and finite else None
             t4 = time.perf_counter()
             if grad is not None:
                 self._pass2(backend, chunks, graphs, grad, result.grad_scale, step)
@@ -233,7 +243,8 @@ class CachedStep:
                                        backend.device)
         times = {"time_prepare": t1 - t0, "time_pass1": t2 - t1, "time_guide": t3 - t2,
                  "time_gather_loss": t4 - t3, "time_pass2": t5 - t4}
-        return StepOutput(self.loss.summarize(dict(zip(keys, sums)), n), scale, plan, n, real, pad, times, kept)
+        return StepOutput(self.loss.summarize(dict(zip(keys, sums)), n), scale, plan, n, real, pad, times, kept,
+                          finite)
 
     def _agree(self, prepared: Prepared) -> tuple[ChunkPlan, list[int]]:
         """Agree with every rank on errors, columns, shard sizes and the chunk count, or fail on every rank."""

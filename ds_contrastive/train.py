@@ -216,7 +216,7 @@ def train(cfg: TrainConfig, ds_config_path: str) -> dict[str, Any]:
         model, build_loss(cfg), ds_config=ds_config, chunk_tokens=cfg.chunk_tokens, chunk_rows=cfg.chunk_rows, lr=cfg.lr,
         weight_decay=cfg.weight_decay, lr_scheduler=warmup_linear_decay(total_steps, cfg.warmup_ratio),
         anchor_column="anchor", positive_column="positive", seed=cfg.seed,  # the roles MixedBatches names
-        max_length=cfg.max_length, retain_tokens=cfg.retain_tokens,
+        max_length=cfg.max_length, retain_tokens=cfg.retain_tokens, max_nonfinite_steps=cfg.max_nonfinite_steps,
     )
     tracker = Tracker(cfg, engine.config, rank)
     progress = None

@@ -62,6 +62,7 @@ class TrainConfig:
     matryoshka_weights: list[float] = field(default_factory=list)  # one per dim; empty: all 1
     chunk_tokens: int | None = 16384  # padded tokens per encoder forward call
     chunk_rows: int | None = None  # most sequences per encoder forward call
+    max_nonfinite_steps: int = 10  # consecutive steps with a non-finite loss (each skipped) that stop training
     retain_tokens: int = 0  # padded tokens per rank whose pass-1 graphs pass 2 reuses (exact; costs activations)
     max_length: int | None = None  # truncation (default: the model's max_seq_length)
     precision: str | None = None  # 'bf16' or 'fp32' overrides the DeepSpeed config's bf16 section
@@ -75,7 +76,7 @@ class TrainConfig:
 
     def check(self) -> None:
         """Reject values that cannot work, naming the key."""
-        positive = ("global_batch_size", "epochs", "eval_pairs")
+        positive = ("global_batch_size", "epochs", "eval_pairs", "max_nonfinite_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
