@@ -96,9 +96,16 @@ class MixedBatches:
         d, own_step = self.position(step)
         source = self.sources[d]
         raw = source.batches.shard(own_step, rank, world_size)
-        negatives = [c for c in raw if c not in (source.anchor_column, source.positive_column)]
-        shard = {"anchor": [source.query_prefix + t for t in raw[source.anchor_column]],
-                 "positive": [source.document_prefix + t for t in raw[source.positive_column]]}
-        for k, column in enumerate(negatives, start=1):
-            shard[f"negative_{k}"] = [source.document_prefix + t for t in raw[column]]
-        return source.name, shard
+        return source.name, by_role(raw, source.anchor_column, source.positive_column, source.query_prefix,
+                                    source.document_prefix)
+
+
+def by_role(raw: dict[str, list[str]], anchor: str, positive: str, query_prefix: str = "",
+            document_prefix: str = "") -> dict[str, list[str]]:
+    """A shard with the engine's column names: ``anchor``, ``positive``, ``negative_1``, ... (prefixes applied)."""
+    negatives = [c for c in raw if c not in (anchor, positive)]
+    shard = {"anchor": [query_prefix + t for t in raw[anchor]],
+             "positive": [document_prefix + t for t in raw[positive]]}
+    for k, column in enumerate(negatives, start=1):
+        shard[f"negative_{k}"] = [document_prefix + t for t in raw[column]]
+    return shard

@@ -21,8 +21,9 @@ from .engine import ContrastiveEngine
 from .guided import GuidedInfoNCE
 from .losses import InfoNCE
 from .matryoshka import Matryoshka
-from .mixture import MixedBatches, Source
+from .mixture import MixedBatches, Source, by_role
 from .prefetch import prefetched
+from .streaming import StreamingBatches
 from .train_config import BUILTIN_DATA, BUILTIN_MODEL, TrainConfig, argument_parser, load_train_config
 
 if TYPE_CHECKING:
@@ -195,7 +196,12 @@ def train(cfg: TrainConfig, ds_config_path: str) -> dict[str, Any]:
     init_process_group()
     rank, world_size = world()
     ds_config = apply_precision(load_ds_config(ds_config_path), cfg.precision)
-    if cfg.datasets:
+    if cfg.streaming:
+        columns = [cfg.anchor_column, cfg.positive_column, *cfg.negative_columns]
+        batches = StreamingBatches(cfg.train_data, columns, cfg.global_batch_size, cfg.seed,
+                                   cfg.stream_window_batches, cfg.max_bad_rows)
+        examples = None  # not known without reading the whole file
+    elif cfg.datasets:
         batches = load_mixture(cfg)
         examples = sum(source.batches.rows for source in batches.sources)
     else:
@@ -224,13 +230,20 @@ def train(cfg: TrainConfig, ds_config_path: str) -> dict[str, Any]:
         from tqdm import tqdm
 
         progress = tqdm(total=total_steps, desc="train", dynamic_ncols=True, file=sys.stdout)
-    shards = (batches.shard(step, rank, world_size) for step in range(total_steps))
+    if cfg.streaming:
+        stream = batches.shards(rank, world_size)
+        shards = (("train", by_role(next(stream), cfg.anchor_column, cfg.positive_column))
+                  for _ in range(total_steps))
+    else:
+        shards = (batches.shard(step, rank, world_size) for step in range(total_steps))
     # the next shard is read and tokenized in a background thread while this step runs
     for step, (name, prepared) in enumerate(prefetched(lambda item: (item[0], engine.prepare(item[1])), shards)):
         metrics = engine.train_step(prepared)
         logged = {f"train/{k}": v for k, v in metrics.items()}
         if cfg.datasets:  # each step's batch comes from one dataset
             logged.update({f"train/{name}/loss": metrics["loss"], f"train/{name}/accuracy": metrics["accuracy"]})
+        if cfg.streaming:
+            logged["train/bad_rows_skipped"] = float(batches.bad_rows)  # this rank's (rank 0's in the logs)
         tracker.log(logged, step + 1)
         if progress is not None:
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_second']:.1f}")

@@ -33,6 +33,9 @@ class TrainConfig:
     model: str = BUILTIN_MODEL  # a SentenceTransformer directory, or the packaged all-MiniLM-L6-v2
     train_data: str = BUILTIN_DATA  # JSONL/CSV/Parquet/save_to_disk path, or stdlib docstring pairs
     datasets: list[dict[str, Any]] = field(default_factory=list)  # several datasets instead of train_data
+    streaming: bool = False  # read train_data (JSONL/Parquet) as a stream: memory bounded whatever its size
+    stream_window_batches: int = 16  # streaming: global batches shuffled together (memory grows with it)
+    max_bad_rows: int = 0  # streaming: bad rows each rank may skip (counted) before it stops with an error
     eval_data: str | None = BUILTIN_DATA  # held-out (anchor, positive) pairs for retrieval metrics; null: none
     eval_pairs: int = 300  # most held-out pairs evaluated
     anchor_column: str = "anchor"
@@ -84,6 +87,11 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1 or null, got {value}")
+        if self.streaming and (self.datasets or self.train_data == BUILTIN_DATA or self.max_steps is None):
+            raise ConfigError("streaming reads one train_data file and needs max_steps (its length is not known "
+                              "ahead); it does not combine with datasets or the built-in data")
+        if self.stream_window_batches < 1 or self.max_bad_rows < 0:
+            raise ConfigError("stream_window_batches must be >= 1 and max_bad_rows >= 0")
         if self.datasets and self.train_data != BUILTIN_DATA:
             raise ConfigError("set train_data or datasets, not both")
         for i, entry in enumerate(self.datasets):

@@ -57,6 +57,9 @@ def test_defaults_are_the_quickstart():
         ("datasets: {path: a.jsonl}\n", {}, "datasets must be a list of mappings"),
         ("train_data: t.jsonl\ndatasets: [{path: a.jsonl}]\n", {}, "set train_data or datasets, not both"),
         ("", {"datasets": "[{path: a.jsonl}]"}, "datasets on the command line must be JSON"),
+        ("streaming: true\ntrain_data: a.jsonl\n", {}, "streaming reads one train_data file and needs max_steps"),
+        ("streaming: true\nmax_steps: 5\n", {}, "does not combine with datasets or the built-in data"),
+        ("stream_window_batches: 0\n", {}, "stream_window_batches must be >= 1 and max_bad_rows >= 0"),
     ],
 )
 def test_bad_config_names_the_problem(tmp_path, text, overrides, message):
