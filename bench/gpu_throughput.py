@@ -635,7 +635,7 @@ class Bench:
         model.train()
         real = [c for c in plan.chunks if not c.dummy]
         chosen = real[::sample_every]
-        lengths = tokens.lengths  # a fresh list on every access in newer ds_contrastive: read it once
+        lengths = tokens.lengths
         padded_all = [len(c.indices) * max(lengths[i] for i in c.indices) for c in real]
         sizes = padded_all[::sample_every]
         feats = [tokens.features(c.indices, torch.device(self.device)) for c in chosen]

@@ -87,6 +87,7 @@ class Tokenized:
     def __init__(self, input_ids: list[list[int]], token_type_ids: list[list[int]] | None, pad_id: int) -> None:
         self.pad_id = pad_id
         self._lengths = np.fromiter(map(len, input_ids), dtype=np.int64, count=len(input_ids))
+        self.lengths: list[int] = self._lengths.tolist()  # token count of each text
         self._starts = np.concatenate([[0], np.cumsum(self._lengths)[:-1]]).astype(np.int64)
         total = int(self._lengths.sum())
         self._ids = np.fromiter(itertools.chain.from_iterable(input_ids), dtype=np.int64, count=total)
@@ -96,10 +97,6 @@ class Tokenized:
     def __len__(self) -> int:
         return len(self._lengths)
 
-    @property
-    def lengths(self) -> list[int]:
-        """Token count of each text (a new list: index it once, not inside a loop)."""
-        return self._lengths.tolist()
 
     def padded(self, indices: Sequence[int], pin: bool = False) -> dict[str, torch.Tensor]:
         """Right-padded model inputs for ``indices`` on the host, padded to the longest among them.

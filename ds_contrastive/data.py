@@ -197,12 +197,27 @@ def _read_saved_dataset(path: Path, columns: list[str]) -> Located:
 def _check_texts(path: Path, column: str, values: list[object], locate: Callable[[int], str]) -> None:
     """Every value must be a string with some non-whitespace text, as ``train_step`` requires."""
     for i, value in enumerate(values):
-        if value is None:
-            raise DataError(f"{path} {locate(i)}: column {column!r} is null")
-        if not isinstance(value, str):
-            raise DataError(f"{path} {locate(i)}: column {column!r} is {type(value).__name__}, expected a string")
-        if not value.strip():
-            raise DataError(f"{path} {locate(i)}: column {column!r} is empty")
+        problem = text_problem(column, value)
+        if problem:
+            raise DataError(f"{path} {locate(i)}: {problem}")
+
+
+def text_problem(column: str, value: object) -> str | None:
+    """What makes ``value`` unusable as a training text of ``column`` (None: nothing)."""
+    if value is None:
+        return f"column {column!r} is null"
+    if not isinstance(value, str):
+        return f"column {column!r} is {type(value).__name__}, expected a string"
+    if not value.strip():
+        return f"column {column!r} is empty"
+    return None
+
+
+def rank_slice(batch: list[int], rank: int, world_size: int) -> list[int]:
+    """Rank ``rank``'s contiguous part of a global batch; the first ``len % world_size`` ranks get one more."""
+    base, extra = divmod(len(batch), world_size)
+    start = rank * base + min(rank, extra)
+    return batch[start : start + base + (1 if rank < extra else 0)]
 
 
 class GlobalBatches:
@@ -272,10 +287,7 @@ class GlobalBatches:
         so shard sizes differ by at most one.
         """
         self._check_world(rank, world_size)
-        batch = self.global_batch(step)
-        base, extra = divmod(len(batch), world_size)
-        start = rank * base + min(rank, extra)
-        indices = batch[start : start + base + (1 if rank < extra else 0)]
+        indices = rank_slice(self.global_batch(step), rank, world_size)
         return {name: [texts[i] for i in indices] for name, texts in self.data.items()}
 
     def _check_world(self, rank: int, world_size: int) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .data import JSONL_SUFFIXES, PARQUET_SUFFIXES, DataError
+from .data import JSONL_SUFFIXES, PARQUET_SUFFIXES, DataError, rank_slice, text_problem
 
 
 class StreamingBatches:
@@ -80,10 +80,7 @@ class StreamingBatches:
                 for b in range(count):
                     if step >= start_step:
                         batch = order[b * self.global_batch_size:(b + 1) * self.global_batch_size]
-                        base, extra = divmod(len(batch), world_size)
-                        begin = rank * base + min(rank, extra)
-                        mine = batch[begin:begin + base + (1 if rank < extra else 0)]
-                        yield self._parse(rows, first_row, mine)
+                        yield self._parse(rows, first_row, rank_slice(batch, rank, world_size))
                     step += 1
             if batches_this_epoch == 0:
                 raise DataError(f"{self.path} has fewer usable rows than one global batch of "
@@ -154,15 +151,9 @@ class StreamingBatches:
 
     def _check(self, record: dict) -> str | None:
         for name in self.columns:
-            if name not in record:
-                return f"no column {name!r}"
-            value = record[name]
-            if value is None:
-                return f"column {name!r} is null"
-            if not isinstance(value, str):
-                return f"column {name!r} is {type(value).__name__}, expected a string"
-            if not value.strip():
-                return f"column {name!r} is empty"
+            problem = f"no column {name!r}" if name not in record else text_problem(name, record[name])
+            if problem:
+                return problem
         return None
 
 
