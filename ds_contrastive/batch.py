@@ -84,8 +84,10 @@ class Tokenized:
     batch holds tens of thousands of texts, and every chunk is padded once).
     """
 
-    def __init__(self, input_ids: list[list[int]], token_type_ids: list[list[int]] | None, pad_id: int) -> None:
+    def __init__(self, input_ids: list[list[int]], token_type_ids: list[list[int]] | None, pad_id: int,
+                 truncated: int = 0) -> None:
         self.pad_id = pad_id
+        self.truncated = truncated  # texts that were longer than the truncation length
         self._lengths = np.fromiter(map(len, input_ids), dtype=np.int64, count=len(input_ids))
         self.lengths: list[int] = self._lengths.tolist()  # token count of each text
         self._starts = np.concatenate([[0], np.cumsum(self._lengths)[:-1]]).astype(np.int64)
@@ -96,7 +98,6 @@ class Tokenized:
 
     def __len__(self) -> int:
         return len(self._lengths)
-
 
     def padded(self, indices: Sequence[int], pin: bool = False) -> dict[str, torch.Tensor]:
         """Right-padded model inputs for ``indices`` on the host, padded to the longest among them.
@@ -132,9 +133,26 @@ def tokenizer_settings(model, max_length: int | None = None) -> tuple[int, bool]
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int, lowercase: bool = False) -> Tokenized:
-    """Tokenize raw strings with truncation and no padding (padding is per chunk)."""
+    """Tokenize raw strings with truncation and no padding (padding is per chunk); count the truncated ones."""
     if lowercase:
         texts = [t.lower() for t in texts]
     enc = tokenizer(texts, truncation=True, max_length=max_length, padding=False)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return Tokenized(enc["input_ids"], enc.get("token_type_ids"), pad_id)
+    return Tokenized(enc["input_ids"], enc.get("token_type_ids"), pad_id, truncated_count(tokenizer, texts, enc,
+                                                                                           max_length))
+
+
+def truncated_count(tokenizer, texts: list[str], enc, max_length: int) -> int:
+    """How many of ``texts`` lost tokens to truncation.
+
+    A fast tokenizer keeps what it cut in each encoding's ``overflowing``;
+    a slow one is asked for the untruncated length of the texts that reached
+    ``max_length`` (only those can have been cut).
+    """
+    encodings = getattr(enc, "encodings", None)
+    if encodings is not None:
+        return sum(1 for e in encodings if e.overflowing)
+    full = [t for t, ids in zip(texts, enc["input_ids"]) if len(ids) >= max_length]
+    if not full:
+        return 0
+    return sum(1 for ids in tokenizer(full, truncation=False, padding=False)["input_ids"] if len(ids) > max_length)

@@ -88,7 +88,22 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
         with path.open(encoding="utf-8-sig") as f:
             yield from enumerate(f, start=1)
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 ({e})") from e
+        raise _not_utf8(path, e) from e
+
+
+def _not_utf8(path: Path, error: UnicodeDecodeError) -> DataError:
+    """The error for a file that is not UTF-8, naming its first line that does not decode.
+
+    A text-mode read fails somewhere in a buffer, not on a line; each line is
+    decoded alone here (a UTF-8 sequence never contains a newline byte).
+    """
+    with path.open("rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return DataError(f"{path} line {number}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)")
+    return DataError(f"{path}: not valid UTF-8 ({error})")
 
 
 def _read_jsonl(path: Path, columns: list[str]) -> Located:
@@ -139,7 +154,7 @@ def _read_csv(path: Path, columns: list[str]) -> Located:
     except csv.Error as e:
         raise DataError(f"{path} line {reader.line_num}: malformed CSV ({e})") from e
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 ({e})") from e
+        raise _not_utf8(path, e) from e
     return values, lambda i: f"line {line_numbers[i]}"
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from . import checkpoint
 from .backends import DeepSpeedBackend
 from .batch import tokenizer_settings
 from .chunking import ChunkPlan
@@ -134,7 +135,9 @@ class ContrastiveEngine:
         self.global_step = 0
         self.skipped_steps = 0  # steps skipped for a non-finite loss, in all
         self.consecutive_skips = 0
+        self.truncated_texts = 0  # texts cut at max_length, in all
         self.last_plan: ChunkPlan | None = None
+        self.last_batch_digest = ""  # identifies the last step's global batch (every rank's texts)
 
     # --- the step -----------------------------------------------------------------
 
@@ -159,7 +162,8 @@ class ContrastiveEngine:
         start = time.perf_counter()
         self.engine.train()
         out = self.step.forward_backward(batch, self.backend, self.global_step)
-        self.last_plan = out.plan
+        self.last_plan, self.last_batch_digest = out.plan, out.batch_digest
+        self.truncated_texts += out.truncated
         t_step = time.perf_counter()
         self.global_step += 1
         if out.finite:
@@ -177,7 +181,39 @@ class ContrastiveEngine:
         end = time.perf_counter()
         return {**out.report(end - start, self.device), "lr": float(self.engine.get_lr()[0]), "grad_norm": norm,
                 "time_optimizer": end - t_step, "skipped": float(not out.finite),
-                "skipped_steps": float(self.skipped_steps)}
+                "skipped_steps": float(self.skipped_steps), "truncated_texts_total": float(self.truncated_texts)}
+
+    # --- checkpoints ----------------------------------------------------------------
+
+    def save_checkpoint(self, root: str | Path, state: dict[str, Any] | None = None,
+                        rank_state: dict[str, Any] | None = None, keep: int | None = None) -> Path:
+        """Write a checkpoint of this step under ``root`` atomically; return its directory.
+
+        It holds everything an exact resume needs: DeepSpeed's model,
+        optimizer and LR-scheduler state (the learnable temperature is a
+        parameter), this engine's step and counters, every rank's RNG states,
+        and the caller's JSON ``state`` (rank 0's: data position, run ids) and
+        ``rank_state`` (each rank's own). ``keep`` newest checkpoints are kept.
+        A kill at any moment leaves the previous checkpoint loadable (see
+        :mod:`ds_contrastive.checkpoint`). Collective: every rank calls it.
+        """
+        own = {"global_step": self.global_step, "skipped_steps": self.skipped_steps,
+               "consecutive_skips": self.consecutive_skips, "truncated_texts": self.truncated_texts}
+        return checkpoint.save(self.engine, root, self.global_step, {"engine": own, "run": state or {}},
+                               rank_state or {}, keep)
+
+    def load_checkpoint(self, path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Continue from checkpoint ``path``: returns the caller's (``state``, ``rank_state``) saved with it.
+
+        Call it on a freshly built engine (same model, loss, optimizer,
+        scheduler, DeepSpeed config and world size) before any step. Files
+        are read with ``torch.load(weights_only=True)``. Collective.
+        """
+        state, mine = checkpoint.load(self.engine, path)
+        own = state["engine"]
+        self.global_step, self.skipped_steps = own["global_step"], own["skipped_steps"]
+        self.consecutive_skips, self.truncated_texts = own["consecutive_skips"], own["truncated_texts"]
+        return state["run"], mine
 
     # --- saving ---------------------------------------------------------------------
 

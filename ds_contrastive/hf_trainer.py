@@ -34,6 +34,7 @@ from transformers import Trainer
 
 from .backends import Backend, DeepSpeedBackend, TorchBackend, sentence_embedding
 from .batch import tokenizer_settings
+from .checkpoint import weights_only_loads
 from .losses import InfoNCE
 from .matryoshka import Matryoshka
 from .saving import save_consolidated
@@ -151,6 +152,15 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
         if self.cached_step.guide is not None:
             self.cached_step.guide.to(self.args.device)
         self.deepspeed_grad_norm: float | None = None
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's ``train``; DeepSpeed checkpoints it resumes from are read with ``weights_only=True``.
+
+        (``resume_from_checkpoint=`` and ``load_best_model_at_end`` load them
+        through DeepSpeed, which would otherwise unpickle them unrestricted.)
+        """
+        with weights_only_loads():
+            return super().train(*args, **kwargs)
 
     def backend(self, model: nn.Module) -> Backend:
         """How the step reaches ``model``: the DeepSpeed engine, or the (DDP-wrapped) module."""

@@ -87,6 +87,15 @@ class MixedBatches:
             self._counts[d] += 1
         return self._drawn[step]
 
+    def batches_used(self, step: int) -> dict[str, int]:
+        """How many global batches of each dataset steps 0 .. step - 1 used (the data position at ``step``)."""
+        if step > 0:
+            self.position(step - 1)
+        used = dict.fromkeys((s.name for s in self.sources), 0)
+        for d, _ in self._drawn[:step]:
+            used[self.sources[d].name] += 1
+        return used
+
     def shard(self, step: int, rank: int, world_size: int) -> tuple[str, dict[str, list[str]]]:
         """(dataset name, this rank's shard) of ``step``, with columns renamed to the engine's roles.
 

@@ -28,6 +28,7 @@ over the W ranks, so every rank ends with dL/dtheta.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import resource
 import threading
@@ -73,6 +74,8 @@ class StepOutput:
     times: dict[str, float]
     kept_chunks: int = 0
     finite: bool = True  # False: the loss or its gradient was not finite on some rank; pass 2 did not run
+    truncated: int = 0  # texts of the global batch longer than the truncation length
+    batch_digest: str = ""  # identifies the global batch's texts (every rank's, in rank order)
 
     def report(self, seconds: float, device: torch.device) -> dict[str, float]:
         """The loss metrics, temperature, throughput over ``seconds``, phase times and peak memory."""
@@ -85,6 +88,7 @@ class StepOutput:
             "padding_fraction": 1.0 - self.real_tokens / self.padded_tokens,
             "chunks": float(len(self.plan)),
             "kept_chunks": float(self.kept_chunks),
+            "truncated_texts": float(self.truncated),
             **self.times,
             "peak_memory_gb": peak_memory_gb(device),
         }
@@ -122,6 +126,12 @@ class Prepared:
     hashes: torch.Tensor | None
     error: str | None
     settings: tuple
+    digest: str = ""  # of this shard's texts, column after column
+
+
+def shard_digest(hashes: torch.Tensor) -> str:
+    """A short digest of a shard's per-text hashes ([rows, columns]): equal shards, equal digests."""
+    return hashlib.blake2b(hashes.numpy().tobytes(), digest_size=8).hexdigest()
 
 
 class CachedStep:
@@ -169,16 +179,17 @@ class CachedStep:
 
     def prepare(self, batch: Mapping[str, list[str]]) -> Prepared:
         """Validate, tokenize and plan this rank's shard; local only, safe in a background thread."""
-        shard, tokens, plan, hashes, error = None, None, None, None, None
+        shard, tokens, plan, hashes, error, digest = None, None, None, None, None, ""
         try:
             shard = validate_shard(batch, self.anchor_column, self.positive_column)
             with self._tokenizing:
                 tokens = tokenize(self.tokenizer, shard.flat(), self.max_length, self.lowercase)
             plan = plan_chunks(tokens.lengths, self.chunk_tokens, self.chunk_rows)
             hashes = by_row(text_hashes(shard.flat()), shard.rows)
+            digest = shard_digest(hashes)
         except Exception as e:  # noqa: BLE001 - agreed on and raised on every rank in _agree
             error = str(e) if isinstance(e, BatchError) else f"{type(e).__name__}: {e}"
-        return Prepared(shard, tokens, plan, hashes, error, self._settings())
+        return Prepared(shard, tokens, plan, hashes, error, self._settings(), digest)
 
     def _settings(self) -> tuple:
         """What a prepared batch depends on: a batch prepared under other settings is refused."""
@@ -209,7 +220,7 @@ class CachedStep:
         rank = world()[0]
         t0 = time.perf_counter()
         prepared = batch if isinstance(batch, Prepared) else self.prepare(batch)
-        plan, counts = self._agree(prepared)
+        plan, counts, digest = self._agree(prepared)
         shard, tokens = prepared.shard, prepared.tokens
         chunks = Chunks(plan, tokens, backend.device)
         kept = self._kept_count(chunks, backend) if backward else 0
@@ -239,15 +250,19 @@ class CachedStep:
 
         n = sum(counts)
         keys = sorted(result.sums)
-        *sums, real, pad = sum_scalars([result.sums[k] for k in keys] + [chunks.real_tokens, chunks.padded_tokens],
-                                       backend.device)
+        *sums, real, pad, truncated = sum_scalars(
+            [result.sums[k] for k in keys] + [chunks.real_tokens, chunks.padded_tokens, tokens.truncated],
+            backend.device)
         times = {"time_prepare": t1 - t0, "time_pass1": t2 - t1, "time_guide": t3 - t2,
                  "time_gather_loss": t4 - t3, "time_pass2": t5 - t4}
         return StepOutput(self.loss.summarize(dict(zip(keys, sums)), n), scale, plan, n, real, pad, times, kept,
-                          finite)
+                          finite, int(truncated), digest)
 
-    def _agree(self, prepared: Prepared) -> tuple[ChunkPlan, list[int]]:
-        """Agree with every rank on errors, columns, shard sizes and the chunk count, or fail on every rank."""
+    def _agree(self, prepared: Prepared) -> tuple[ChunkPlan, list[int], str]:
+        """Agree with every rank on errors, columns, shard sizes and the chunk count, or fail on every rank.
+
+        Returns the (count-balanced) plan, every rank's row count and the global batch's digest.
+        """
         error = prepared.error
         if prepared.settings != self._settings():
             error = ("this batch was prepared by another step (different tokenizer, max_length, chunking or "
@@ -258,6 +273,7 @@ class CachedStep:
             "columns": prepared.shard.columns if prepared.shard else None,
             "rows": prepared.shard.rows if prepared.shard else 0,
             "chunks": len(prepared.plan) if prepared.plan else 0,
+            "digest": prepared.digest,
         }
         infos = all_gather_objects(info)
         errors = [f"rank {r}: {i['error']}" for r, i in enumerate(infos) if i["error"]]
@@ -270,7 +286,8 @@ class CachedStep:
             found = ", ".join(f"rank {r}: {i['columns']}" for r, i in enumerate(infos))
             raise BatchError(f"bad batch: ranks have different columns ({found})")
         counts = [i["rows"] for i in infos]
-        return balance_chunk_count(prepared.plan, max(i["chunks"] for i in infos)), counts
+        digest = hashlib.blake2b("".join(i["digest"] for i in infos).encode(), digest_size=8).hexdigest()
+        return balance_chunk_count(prepared.plan, max(i["chunks"] for i in infos)), counts, digest
 
     def _kept_count(self, chunks: Chunks, backend: Backend) -> int:
         """How many leading chunks keep their pass-1 graph: the same count on every rank.

@@ -8,14 +8,23 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .data import GlobalBatches, load_pairs
-from .distributed import all_gather_objects, init_process_group, shutdown, world
+from . import checkpoint
+from .data import DataError, GlobalBatches, load_pairs
+from .distributed import (
+    all_gather_objects,
+    collective_failures,
+    init_process_group,
+    set_collective_timeout,
+    shutdown,
+    world,
+)
 from .ds_config import load_ds_config
 from .engine import ContrastiveEngine
 from .guided import GuidedInfoNCE
@@ -24,7 +33,7 @@ from .matryoshka import Matryoshka
 from .mixture import MixedBatches, Source, by_role
 from .prefetch import prefetched
 from .streaming import StreamingBatches
-from .train_config import BUILTIN_DATA, BUILTIN_MODEL, TrainConfig, argument_parser, load_train_config
+from .train_config import BUILTIN_DATA, BUILTIN_MODEL, TrainConfig, argument_parser, load_train_config, redacted
 
 if TYPE_CHECKING:
     from .train_hf import ContrastiveArguments
@@ -66,9 +75,9 @@ def load_train_data(cfg: TrainConfig) -> dict[str, list[str]]:
     return data
 
 
-def load_mixture(cfg: TrainConfig) -> MixedBatches:
-    """The ``datasets`` of the config as one mixture; columns default to the config's top-level ones."""
-    sources = []
+def load_mixture(cfg: TrainConfig) -> tuple[MixedBatches, str]:
+    """The ``datasets`` of the config as one mixture (columns default to the top-level ones), and its fingerprint."""
+    sources, digests = [], []
     for i, entry in enumerate(cfg.datasets):
         anchor = entry.get("anchor_column", cfg.anchor_column)
         positive = entry.get("positive_column", cfg.positive_column)
@@ -77,12 +86,48 @@ def load_mixture(cfg: TrainConfig) -> MixedBatches:
         limit = entry.get("max_examples", cfg.max_train_examples)
         if limit:
             data = {k: v[:limit] for k, v in data.items()}
-        check_same_data(data)
         name = entry.get("name", Path(entry["path"]).stem)
-        sources.append(Source(name, GlobalBatches(data, cfg.global_batch_size, cfg.seed + 1000 * i),
+        digests.append(f"{name}:{entry.get('weight', 1.0)}:{check_same_data(data)}")
+        sources.append(Source(name, global_batches(data, cfg.global_batch_size, cfg.seed + 1000 * i, entry["path"]),
                               float(entry.get("weight", 1.0)), anchor, positive, entry.get("query_prefix", ""),
                               entry.get("document_prefix", "")))
-    return MixedBatches(sources, cfg.seed)
+    return MixedBatches(sources, cfg.seed), ",".join(digests)
+
+
+def global_batches(data: dict[str, list[str]], size: int, seed: int, path: str) -> GlobalBatches:
+    """GlobalBatches of one file's rows; a file with fewer rows than one global batch is named in the error."""
+    try:
+        return GlobalBatches(data, size, seed)
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from None
+
+
+def load_batches(cfg: TrainConfig) -> tuple[MixedBatches | StreamingBatches, int | None, str]:
+    """(the training batches, the example count if known, a fingerprint of the data for resuming)."""
+    if cfg.streaming:
+        columns = [cfg.anchor_column, cfg.positive_column, *cfg.negative_columns]
+        batches = StreamingBatches(cfg.train_data, columns, cfg.global_batch_size, cfg.seed,
+                                   cfg.stream_window_batches, cfg.max_bad_rows)
+        return batches, None, file_fingerprint(Path(cfg.train_data))  # the row count is not known ahead
+    if cfg.datasets:
+        batches, fingerprint = load_mixture(cfg)
+        return batches, sum(source.batches.rows for source in batches.sources), fingerprint
+    data = load_train_data(cfg)
+    fingerprint = check_same_data(data)
+    batches = MixedBatches([Source("train", global_batches(data, cfg.global_batch_size, cfg.seed, cfg.train_data),
+                                   1.0, cfg.anchor_column, cfg.positive_column)], cfg.seed)
+    return batches, len(data[cfg.anchor_column]), fingerprint
+
+
+def file_fingerprint(path: Path) -> str:
+    """Size and a hash of the first and last MiB: tells a changed file from the same one without reading it all."""
+    size = path.stat().st_size
+    digest = hashlib.blake2b(digest_size=8)
+    with path.open("rb") as f:
+        digest.update(f.read(2**20))
+        f.seek(max(0, size - 2**20))
+        digest.update(f.read(2**20))
+    return f"{path.name}:{size}:{digest.hexdigest()}"
 
 
 def load_eval_data(cfg: TrainConfig) -> dict[str, list[str]] | None:
@@ -102,8 +147,8 @@ def evaluate(model, pairs: dict[str, list[str]]) -> dict[str, float]:
     return evaluate_model(model, pairs["anchor"], pairs["positive"])
 
 
-def check_same_data(data: dict[str, list[str]]) -> None:
-    """Every rank must read the same rows (each derives its shards and step count from them).
+def check_same_data(data: dict[str, list[str]]) -> str:
+    """Every rank must read the same rows (each derives its shards and step count from them); return their digest.
 
     A file that differs between nodes, or built-in pairs from different Python
     builds, would otherwise make ranks disagree on batches or hang at the end.
@@ -117,6 +162,7 @@ def check_same_data(data: dict[str, list[str]]) -> None:
     if len(set(seen)) > 1:
         rows = ", ".join(f"rank {r}: {n} rows" for r, (n, _) in enumerate(seen))
         raise ValueError(f"ranks read different training data ({rows}); give every rank the same files")
+    return digest.hexdigest()
 
 
 def build_loss(cfg: TrainConfig | ContrastiveArguments) -> InfoNCE | Matryoshka:
@@ -159,28 +205,46 @@ def apply_precision(ds_config: dict[str, Any], precision: str | None) -> dict[st
 
 
 class Tracker:
-    """Rank 0's W&B run and local metrics file; every other rank logs nothing."""
+    """Rank 0's W&B run and local metrics file; every other rank logs nothing.
 
-    def __init__(self, cfg: TrainConfig, ds_config: dict[str, Any], rank: int) -> None:
+    A resumed run (``resume_step`` set) continues the W&B run ``run_id`` and
+    drops from ``metrics.jsonl`` the records after ``resume_step``: it is about
+    to compute those steps again (W&B keeps the values it already has).
+    """
+
+    def __init__(self, cfg: TrainConfig, ds_config: dict[str, Any], rank: int, resume_step: int | None = None,
+                 run_id: str | None = None) -> None:
         self.active = rank == 0
         self.run = None
+        self.run_id = run_id
         if not self.active:
             return
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.metrics_file = (out / "metrics.jsonl").open("a")
+        path = out / "metrics.jsonl"
+        if resume_step is not None and path.exists():
+            keep = [line for line in path.read_text().splitlines() if _record_step(line) <= resume_step]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, path)
+        self.metrics_file = path.open("a")
         if cfg.wandb:
             import wandb
 
+            resume = {"id": run_id, "resume": "allow"} if run_id else {}
             self.run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, tags=cfg.wandb_tags,
-                                  dir=str(out), config={"train": asdict(cfg), "deepspeed": ds_config})
+                                  dir=str(out), config=redacted({"train": asdict(cfg), "deepspeed": ds_config}),
+                                  **resume)
+            self.run_id = self.run.id
+            self.first_step = self.run.step  # a resumed run's steps before this are already in W&B
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
+    def log(self, metrics: dict[str, float], step: int, record: dict[str, Any] | None = None) -> None:
+        """Log ``metrics`` at ``step``; ``record`` (strings such as the batch digest) goes to the file only."""
         if not self.active:
             return
-        self.metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.metrics_file.write(json.dumps({"step": step, **metrics, **(record or {})}) + "\n")
         self.metrics_file.flush()
-        if self.run is not None:
+        if self.run is not None and step >= self.first_step:
             self.run.log(metrics, step=step)
 
     def finish(self) -> None:
@@ -190,31 +254,114 @@ class Tracker:
                 self.run.finish()
 
 
+def _record_step(line: str) -> float:
+    """The step of one metrics.jsonl line; infinity for a line cut short by a kill (dropped on resume)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def checkpoint_root(cfg: TrainConfig) -> Path:
+    return Path(cfg.output_dir) / "checkpoints"
+
+
+def find_resume(cfg: TrainConfig) -> Path | None:
+    """The checkpoint to continue from (rank 0's view, shared with every rank), or None for a fresh start.
+
+    Starting afresh where checkpoints exist is refused: the run would
+    overwrite and prune them.
+    """
+    error, found = None, None
+    if world()[0] == 0:
+        newest = checkpoint.newest_checkpoint(checkpoint_root(cfg))
+        if cfg.resume is None and newest is not None:
+            error = (f"{checkpoint_root(cfg)} holds checkpoints (newest: {newest.name}) that a new run would "
+                     "overwrite: pass --resume auto to continue that run, or choose another output_dir")
+        elif cfg.resume == "auto":
+            found = newest
+        elif cfg.resume is not None:
+            given = Path(cfg.resume)
+            found = given if (given / checkpoint.STATE_FILE).is_file() else checkpoint.newest_checkpoint(given)
+            if found is None:
+                error = f"resume={cfg.resume!r} is neither a checkpoint nor a directory of checkpoints"
+            elif newest is not None and found.resolve() != newest.resolve():
+                error = (f"{checkpoint_root(cfg)} already holds {newest.name}, which resuming from {found} would "
+                         "overwrite or mix with: move those checkpoints away, or resume from the newest")
+    (error, found), *_ = all_gather_objects((error, found))
+    if error:
+        raise checkpoint.CheckpointError(error)
+    return found
+
+
+def run_identity(cfg: TrainConfig, total_steps: int, fingerprint: str) -> dict[str, Any]:
+    """What a resumed run must share with the run that saved the checkpoint (what decides its batches)."""
+    columns = [cfg.anchor_column, cfg.positive_column, *cfg.negative_columns]
+    datasets = [{k: v for k, v in entry.items() if k != "path"} for entry in cfg.datasets]  # files may move
+    return {"total_steps": total_steps, "global_batch_size": cfg.global_batch_size, "seed": cfg.seed,
+            "data": fingerprint, "columns": columns, "datasets": datasets, "streaming": cfg.streaming,
+            "stream_window_batches": cfg.stream_window_batches if cfg.streaming else None,
+            "max_length": cfg.max_length, "model": cfg.model}
+
+
+def check_identity(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    differ = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in current.items() if saved.get(k) != v]
+    if differ:
+        raise checkpoint.CheckpointError(f"cannot resume from {path}: the run differs ({'; '.join(differ)})")
+
+
+def data_position(batches: MixedBatches | StreamingBatches, step: int) -> dict[str, Any]:
+    """Where the data stands after ``step`` global batches: each dataset's batches used, epoch and batch."""
+    if isinstance(batches, StreamingBatches):
+        return {"global_batches_used": step}
+    used = batches.batches_used(step)
+    return {s.name: {"batches_used": used[s.name], "epoch": used[s.name] // s.batches.steps_per_epoch,
+                     "batch_in_epoch": used[s.name] % s.batches.steps_per_epoch} for s in batches.sources}
+
+
+def versions() -> dict[str, str]:
+    import deepspeed
+    import sentence_transformers
+    import transformers
+
+    from . import __version__
+
+    return {"ds_contrastive": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "transformers": transformers.__version__, "sentence_transformers": sentence_transformers.__version__}
+
+
 def train(cfg: TrainConfig, ds_config_path: str) -> dict[str, Any]:
-    """Train as configured; return the summary (metrics before/after, wall time) on every rank."""
+    """Train as configured; return the summary (metrics before/after, wall time) on every rank.
+
+    A collective that fails because another rank died or hung raises
+    :class:`~ds_contrastive.distributed.RankFailure` within
+    ``collective_timeout_seconds``.
+    """
     started = time.perf_counter()
-    init_process_group()
+    init_process_group(cfg.collective_timeout_seconds)
+    hint = (f"Continue from the newest checkpoint in {checkpoint_root(cfg)} with --resume auto. "
+            if cfg.checkpoint_every_steps or cfg.checkpoint_every_minutes else "")
+    with collective_failures(cfg.collective_timeout_seconds, hint):
+        summary = _train(cfg, ds_config_path)
+    summary["wall_seconds"] = time.perf_counter() - started
+    if world()[0] == 0:
+        (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"saved {cfg.output_dir} after {summary['steps']} steps in {summary['wall_seconds']:.0f} s", flush=True)
+    shutdown()
+    return summary
+
+
+def _train(cfg: TrainConfig, ds_config_path: str) -> dict[str, Any]:
     rank, world_size = world()
     ds_config = apply_precision(load_ds_config(ds_config_path), cfg.precision)
-    if cfg.streaming:
-        columns = [cfg.anchor_column, cfg.positive_column, *cfg.negative_columns]
-        batches = StreamingBatches(cfg.train_data, columns, cfg.global_batch_size, cfg.seed,
-                                   cfg.stream_window_batches, cfg.max_bad_rows)
-        examples = None  # not known without reading the whole file
-    elif cfg.datasets:
-        batches = load_mixture(cfg)
-        examples = sum(source.batches.rows for source in batches.sources)
-    else:
-        data = load_train_data(cfg)
-        check_same_data(data)
-        batches = MixedBatches([Source("train", GlobalBatches(data, cfg.global_batch_size, cfg.seed), 1.0,
-                                       cfg.anchor_column, cfg.positive_column)], cfg.seed)
-        examples = len(data[cfg.anchor_column])
+    batches, examples, fingerprint = load_batches(cfg)
     total_steps = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
+    identity = run_identity(cfg, total_steps, fingerprint)
+    resume_from = find_resume(cfg)
     eval_pairs = load_eval_data(cfg)
     model = load_model(cfg.model)
     summary: dict[str, Any] = {"world_size": world_size, "steps": total_steps, "train_examples": examples}
-    if eval_pairs and rank == 0:
+    if eval_pairs and rank == 0 and resume_from is None:
         summary["before"] = evaluate(model, eval_pairs)
         print(f"held-out retrieval before training: {_fmt(summary['before'])}", flush=True)
 
@@ -224,30 +371,45 @@ def train(cfg: TrainConfig, ds_config_path: str) -> dict[str, Any]:
         anchor_column="anchor", positive_column="positive", seed=cfg.seed,  # the roles MixedBatches names
         max_length=cfg.max_length, retain_tokens=cfg.retain_tokens, max_nonfinite_steps=cfg.max_nonfinite_steps,
     )
-    tracker = Tracker(cfg, engine.config, rank)
+    set_collective_timeout(cfg.collective_timeout_seconds)  # the groups DeepSpeed made too
+    run_id, bad_rows = None, 0
+    if resume_from is not None:
+        saved = checkpoint.read_state(resume_from)["run"]
+        check_identity(resume_from, saved["identity"], identity)
+        saved, mine = engine.load_checkpoint(resume_from)
+        if saved["data_position"] != data_position(batches, engine.global_step):
+            raise checkpoint.CheckpointError(f"{resume_from}: the data position it holds is not where this run's "
+                                             "data stands at that step (a different ds_contrastive version?)")
+        run_id, bad_rows = saved.get("wandb_run_id"), mine.get("bad_rows", 0)
+        summary["resumed_from"] = str(resume_from)
+        if rank == 0:
+            print(f"resumed from {resume_from} at step {engine.global_step} of {total_steps}", flush=True)
+    start_step = engine.global_step
+    tracker = Tracker(cfg, engine.config, rank, start_step if resume_from else None, run_id)
+    schedule = checkpoint.Schedule(cfg.checkpoint_every_steps, cfg.checkpoint_every_minutes, engine.device)
     progress = None
     if rank == 0 and cfg.progress_bar:
         from tqdm import tqdm
 
-        progress = tqdm(total=total_steps, desc="train", dynamic_ncols=True, file=sys.stdout)
-    if cfg.streaming:
-        stream = batches.shards(rank, world_size)
-        shards = (("train", by_role(next(stream), cfg.anchor_column, cfg.positive_column))
-                  for _ in range(total_steps))
-    else:
-        shards = (batches.shard(step, rank, world_size) for step in range(total_steps))
+        progress = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stdout)
+    items = training_items(cfg, batches, rank, world_size, start_step, total_steps, bad_rows)
     # the next shard is read and tokenized in a background thread while this step runs
-    for step, (name, prepared) in enumerate(prefetched(lambda item: (item[0], engine.prepare(item[1])), shards)):
+    prepare = lambda item: (item[0], engine.prepare(item[1]), item[2])
+    for step, (name, prepared, bad_rows) in enumerate(prefetched(prepare, items), start=start_step):
         metrics = engine.train_step(prepared)
         logged = {f"train/{k}": v for k, v in metrics.items()}
         if cfg.datasets:  # each step's batch comes from one dataset
             logged.update({f"train/{name}/loss": metrics["loss"], f"train/{name}/accuracy": metrics["accuracy"]})
         if cfg.streaming:
-            logged["train/bad_rows_skipped"] = float(batches.bad_rows)  # this rank's (rank 0's in the logs)
-        tracker.log(logged, step + 1)
+            logged["train/bad_rows_skipped"] = float(bad_rows)  # this rank's (rank 0's in the logs)
+        tracker.log(logged, step + 1, {"dataset": name, "batch_digest": engine.last_batch_digest})
         if progress is not None:
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_second']:.1f}")
             progress.update()
+        if step + 1 < total_steps and schedule.due(step + 1):
+            state = {"identity": identity, "data_position": data_position(batches, step + 1),
+                     "wandb_run_id": tracker.run_id, "config": redacted(asdict(cfg)), "versions": versions()}
+            engine.save_checkpoint(checkpoint_root(cfg), state, {"bad_rows": bad_rows}, cfg.keep_checkpoints)
     if progress is not None:
         progress.close()
 
@@ -256,13 +418,22 @@ def train(cfg: TrainConfig, ds_config_path: str) -> dict[str, Any]:
         summary["after"] = evaluate(load_model(cfg.output_dir), eval_pairs)
         print(f"held-out retrieval after training:  {_fmt(summary['after'])}", flush=True)
         tracker.log({f"eval/{k}": v for k, v in summary["after"].items()}, total_steps)
-    summary["wall_seconds"] = time.perf_counter() - started
-    if rank == 0:
-        (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"saved {cfg.output_dir} after {total_steps} steps in {summary['wall_seconds']:.0f} s", flush=True)
     tracker.finish()
-    shutdown()
     return summary
+
+
+def training_items(cfg: TrainConfig, batches: MixedBatches | StreamingBatches, rank: int, world_size: int,
+                   start_step: int, total_steps: int, bad_rows: int) -> Iterator[tuple[str, dict[str, list[str]], int]]:
+    """(dataset name, this rank's shard, bad rows this rank skipped so far) of steps start_step .. total_steps - 1."""
+    if isinstance(batches, MixedBatches):
+        for step in range(start_step, total_steps):
+            yield (*batches.shard(step, rank, world_size), 0)
+        return
+    batches.bad_rows = bad_rows  # the count at the checkpoint
+    stream = batches.shards(rank, world_size, start_step)
+    for _ in range(start_step, total_steps):
+        shard = by_role(next(stream), cfg.anchor_column, cfg.positive_column)
+        yield "train", shard, batches.bad_rows  # read right after this shard: the prefetch may run ahead
 
 
 def _fmt(metrics: dict[str, float]) -> str:

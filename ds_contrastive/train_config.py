@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -71,6 +72,11 @@ class TrainConfig:
     precision: str | None = None  # 'bf16' or 'fp32' overrides the DeepSpeed config's bf16 section
     seed: int = 42
     output_dir: str = "outputs/quickstart"
+    checkpoint_every_steps: int | None = None  # write a resumable checkpoint (output_dir/checkpoints) every N steps
+    checkpoint_every_minutes: float | None = None  # ... and/or every M minutes (all ranks' clocks agree)
+    keep_checkpoints: int = 2  # newest checkpoints kept; older ones are deleted after each save
+    resume: str | None = None  # 'auto': continue from the newest checkpoint in output_dir, if any; or a checkpoint path
+    collective_timeout_seconds: float = 1800.0  # a rank that waits this long for the others stops with an error
     wandb: bool = False
     wandb_project: str = "ds-contrastive"
     wandb_run_name: str | None = None
@@ -106,6 +112,16 @@ class TrainConfig:
             raise ConfigError(f"precision must be 'bf16', 'fp32' or null, got {self.precision!r}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.checkpoint_every_steps is not None and self.checkpoint_every_steps < 1:
+            raise ConfigError(f"checkpoint_every_steps must be >= 1 or null, got {self.checkpoint_every_steps}")
+        for name in ("checkpoint_every_minutes", "collective_timeout_seconds"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be > 0, got {value}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.resume is not None and not self.resume.strip():
+            raise ConfigError("resume must be 'auto', a checkpoint directory, or null")
 
 
 DATASET_KEYS: dict[str, Any] = {
@@ -212,3 +228,21 @@ def argument_parser() -> argparse.ArgumentParser:
         parser.add_argument(f"--{f.name}", default=None, metavar="VALUE",
                             help=f"default: {getattr(defaults, f.name)!r}")
     return parser
+
+
+SECRET_KEY = re.compile(r"(^|[_-])(api[_-]?key|apikey|token|secret|password|passwd|credentials?|(secret|private|access)"
+                        r"[_-]?key)$", re.IGNORECASE)
+
+
+def redacted(value: Any) -> Any:
+    """``value`` with every mapping entry whose key names a secret (api_key, token, password, ...) masked.
+
+    Configs are written to W&B and into checkpoints; a DeepSpeed config may
+    carry a monitor's API key. The original is not changed.
+    """
+    if isinstance(value, dict):
+        return {k: "<redacted>" if isinstance(k, str) and SECRET_KEY.search(k) and v not in (None, "")
+                else redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redacted(v) for v in value]
+    return value

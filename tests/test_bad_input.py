@@ -42,6 +42,12 @@ def test_bad_config_is_refused(per_rank, case):
         assert result[case] is not None and CONFIG_CASES[case] in result[case], result[case]
 
 
+def test_training_files_that_differ_between_ranks_are_refused_on_every_rank(per_rank):
+    for result in per_rank:
+        assert result["different_files"] == ("ranks read different training data (rank 0: 3 rows, rank 1: 4 rows); "
+                                             "give every rank the same files")
+
+
 def test_engine_still_trains_after_bad_batches(per_rank):
     assert all(math.isfinite(r["good_after_errors"]) for r in per_rank)
     assert per_rank[0]["good_after_errors"] == per_rank[1]["good_after_errors"]

@@ -142,6 +142,24 @@ def test_bad_value_outside_requested_columns_is_ignored(tmp_path):
     assert load_pairs(path, ["a"]) == {"a": ["x"]}
 
 
+@pytest.mark.parametrize("suffix", ["jsonl", "csv"])
+def test_invalid_utf8_names_file_and_line(tmp_path, suffix):
+    path = tmp_path / f"d.{suffix}"
+    if suffix == "jsonl":  # lines 1-4 fine, line 5 in Latin-1
+        path.write_bytes(b'{"a": "x"}\n' * 4 + b'{"a": "caf\xe9"}\n')
+    else:  # a header, 3 rows, then Latin-1 on line 5
+        path.write_bytes(b"a\nx\ny\nz\ncaf\xe9\n")
+    with pytest.raises(DataError, match=rf"d\.{suffix} line 5: not valid UTF-8"):
+        load_pairs(path, ["a"])
+
+
+def test_fewer_rows_than_one_global_batch_names_the_file(tmp_path):
+    from ds_contrastive.train import global_batches
+
+    with pytest.raises(DataError, match=r"small\.jsonl: global_batch_size=8 must be between 1 and the 3 rows"):
+        global_batches({"a": ["x", "y", "z"]}, 8, 0, "data/small.jsonl")
+
+
 def test_empty_csv_cell_names_line(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("a,b\nx,y\nx,\n")

@@ -60,6 +60,11 @@ def test_defaults_are_the_quickstart():
         ("streaming: true\ntrain_data: a.jsonl\n", {}, "streaming reads one train_data file and needs max_steps"),
         ("streaming: true\nmax_steps: 5\n", {}, "does not combine with datasets or the built-in data"),
         ("stream_window_batches: 0\n", {}, "stream_window_batches must be >= 1 and max_bad_rows >= 0"),
+        ("checkpoint_every_steps: 0\n", {}, "checkpoint_every_steps must be >= 1 or null"),
+        ("checkpoint_every_minutes: 0\n", {}, "checkpoint_every_minutes must be > 0"),
+        ("", {"collective_timeout_seconds": "-5"}, "collective_timeout_seconds must be > 0"),
+        ("keep_checkpoints: 0\n", {}, "keep_checkpoints must be >= 1"),
+        ("resume: ''\n", {}, "resume must be 'auto', a checkpoint directory, or null"),
     ],
 )
 def test_bad_config_names_the_problem(tmp_path, text, overrides, message):

@@ -1,8 +1,10 @@
 """Worker for tests/test_bad_input.py: bad batches on one rank raise a clear error on every rank."""
 
+from helpers import corpus, load_model, worker_main
+
 import ds_contrastive as dc
 from ds_contrastive.distributed import all_gather_objects, world
-from helpers import corpus, load_model, worker_main
+from ds_contrastive.train import check_same_data
 
 CFG = {"zero_optimization": {"stage": 2}, "gradient_clipping": 0.0}
 
@@ -44,6 +46,11 @@ def build(args) -> list[dict]:
             result[name] = None
         except dc.BatchError as e:
             result[name] = str(e)
+    try:  # a training file that differs between ranks (rank 1 reads one more row)
+        check_same_data({"anchor": ["a text"] * (3 + rank), "positive": ["its pair"] * (3 + rank)})
+        result["different_files"] = None
+    except ValueError as e:
+        result["different_files"] = str(e)
     result["good_after_errors"] = engine.train_step(good)["loss"]
     result["steps"] = engine.global_step
     return all_gather_objects(result)
