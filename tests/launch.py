@@ -14,8 +14,13 @@ from ds_contrastive.distributed import free_port
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# What an in-process one-rank group (ds_contrastive.distributed.init_process_group) leaves in this
+# process's environment: a child job must not inherit it (its MASTER_PORT is bound by this process).
+PROCESS_GROUP_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def job_env() -> dict[str, str]:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in PROCESS_GROUP_VARIABLES}
     env.update(
         OMP_NUM_THREADS="1",
         TOKENIZERS_PARALLELISM="false",

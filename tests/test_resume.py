@@ -226,7 +226,10 @@ def test_a_hung_rank_stops_the_others_within_the_timeout(setup):
 
 
 def test_a_streamed_run_resumes_exactly_from_a_checkpoint(tiny_model_dir, tmp_path):
-    """Streaming: the stream position and the bad-row count come back; resumed here from an explicit path."""
+    """Streaming: the stream position and the bad-row count come back; resumed here from an explicit path.
+
+    ``max_length`` 12 cuts many of the texts: the truncation count is logged and its total resumes too.
+    """
     rows = corpus(40, 1, seed=13)
     write_jsonl(tmp_path / "train.jsonl", rows)
     lines = (tmp_path / "train.jsonl").read_text().splitlines()
@@ -234,7 +237,7 @@ def test_a_streamed_run_resumes_exactly_from_a_checkpoint(tiny_model_dir, tmp_pa
         lines[i] = '{"anchor": "cut off'  # malformed: skipped and counted by the rank that owns it
     (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
     common = ["--train_data", str(tmp_path / "train.jsonl"), "--streaming", "true", "--stream_window_batches", "2",
-              "--max_bad_rows", "10"]
+              "--max_bad_rows", "10", "--max_length", "12"]
     full = tmp_path / "full"
     run_deepspeed(ROOT / "launch/train.py", 2, [*train_args("[]", tiny_model_dir, full), *common], timeout=600)
     resumed = tmp_path / "resumed"
@@ -243,7 +246,10 @@ def test_a_streamed_run_resumes_exactly_from_a_checkpoint(tiny_model_dir, tmp_pa
     assert "at step 6 of 10" in log
     assert_same_model(full, resumed)
     assert steps_seen(resumed) == steps_seen(full)[6:]
-    skipped = [json.loads(line)["train/bad_rows_skipped"] for line in (full / "metrics.jsonl").read_text().splitlines()]
-    assert skipped[-1] >= 1
-    again = [json.loads(line)["train/bad_rows_skipped"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert again == skipped[6:]
+    keys = ("train/bad_rows_skipped", "train/truncated_texts", "train/truncated_texts_total")
+    logged = [[json.loads(line)[k] for k in keys] for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1][0] >= 1
+    assert all(truncated > 0 for _, truncated, _ in logged)
+    assert logged[-1][2] == sum(truncated for _, truncated, _ in logged)
+    again = [[json.loads(line)[k] for k in keys] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert again == logged[6:]
