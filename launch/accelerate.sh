@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# One node under `accelerate launch` (it only starts the ranks; ds_contrastive reads the DeepSpeed
+# config itself, so accelerate's own DeepSpeed plugin stays off):
+#   NUM_GPUS=8 launch/accelerate.sh --config my_run.yaml
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exec accelerate launch --num_processes "${NUM_GPUS:-8}" --num_machines 1 --mixed_precision no \
+  --dynamo_backend no --main_process_port "${MASTER_PORT:-29500}" launch/train.py \
+  --deepspeed_config "${DS_CONFIG:-configs/deepspeed/zero2.json}" "$@"
