@@ -4,6 +4,8 @@
 #   NUM_GPUS=8 launch/accelerate.sh --config my_run.yaml
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec accelerate launch --num_processes "${NUM_GPUS:-8}" --num_machines 1 --mixed_precision no \
+# --multi_gpu starts the ranks through torch.distributed (on a CPU-only machine too); without it accelerate
+# would start one process.
+exec accelerate launch --multi_gpu --num_processes "${NUM_GPUS:-8}" --num_machines 1 --mixed_precision no \
   --dynamo_backend no --main_process_port "${MASTER_PORT:-29500}" launch/train.py \
   --deepspeed_config "${DS_CONFIG:-configs/deepspeed/zero2.json}" "$@"
