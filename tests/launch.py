@@ -64,6 +64,24 @@ LAUNCHERS = {
 }
 
 
+def wait_or_kill(proc: subprocess.Popen, cmd: list[str], timeout: float, port: str | None = None) -> str:
+    """The output of ``proc`` (started with ``start_new_session``); past ``timeout`` kill its whole group and fail.
+
+    The shared-memory buffers of the job's port (``port``, or the one in ``cmd``) are removed either way.
+    """
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank it started
+        out, _ = proc.communicate()
+        raise AssertionError(f"{' '.join(map(str, cmd))} ran past {timeout}s:\n{out[-8000:]}") from None
+    finally:
+        port = port or master_port(cmd)
+        if port:
+            remove_shm_buffers(port)
+    return out
+
+
 def run_deepspeed(script: str | Path, nprocs: int, args: list[str], timeout: float, env: dict | None = None,
                   cwd: Path | None = None, launcher: str = "deepspeed", launcher_args: list[str] = ()
                   ) -> subprocess.CompletedProcess:
@@ -71,15 +89,7 @@ def run_deepspeed(script: str | Path, nprocs: int, args: list[str], timeout: flo
     cmd = [*LAUNCHERS[launcher](nprocs), *launcher_args, str(script), *args]
     proc = subprocess.Popen(cmd, env=env or job_env(), cwd=cwd or ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank it started
-        out, _ = proc.communicate()
-        raise AssertionError(f"{' '.join(cmd)} ran past {timeout}s:\n{out[-8000:]}")
-    finally:
-        if master_port(cmd):
-            remove_shm_buffers(master_port(cmd))
+    out = wait_or_kill(proc, cmd, timeout)
     proc = subprocess.CompletedProcess(cmd, proc.returncode, out, "")
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-8000:]

@@ -5,39 +5,29 @@ multi-node one must refuse to start without its hostfile and first node.
 """
 
 import json
-import os
-import signal
 import subprocess
 
 import pytest
 from sentence_transformers import SentenceTransformer
 
 from ds_contrastive.distributed import free_port
-from launch import ROOT, job_env, remove_shm_buffers
+from launch import ROOT, job_env, wait_or_kill
 
 
 def run_recipe(script: str, args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(["bash", str(ROOT / "launch" / script), *args], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"{script} ran past {timeout}s:\n{out[-4000:]}") from None
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+    cmd = ["bash", str(ROOT / "launch" / script), *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    out = wait_or_kill(proc, cmd, timeout, env.get("MASTER_PORT"))
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 
 @pytest.mark.parametrize("script", ["one_node.sh", "torchrun.sh", "accelerate.sh"])
 def test_single_node_recipe_trains(script, tiny_model_dir, tmp_path):
-    port = str(free_port())
     out = tmp_path / "out"
-    try:
-        result = run_recipe(script, ["--model", str(tiny_model_dir), "--max_steps", "2", "--global_batch_size", "8",
-                                     "--chunk_rows", "4", "--eval_data", "null", "--progress_bar", "false",
-                                     "--output_dir", str(out)], {**job_env(), "NUM_GPUS": "2", "MASTER_PORT": port})
-    finally:
-        remove_shm_buffers(port)
+    result = run_recipe(script, ["--model", str(tiny_model_dir), "--max_steps", "2", "--global_batch_size", "8",
+                                 "--chunk_rows", "4", "--eval_data", "null", "--progress_bar", "false",
+                                 "--output_dir", str(out)], {**job_env(), "NUM_GPUS": "2", "MASTER_PORT": str(free_port())})
     assert result.returncode == 0, result.stdout[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 2

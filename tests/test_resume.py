@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from test_train_e2e import write_jsonl
 from wandb_offline import history, records
 
-from launch import LAUNCHERS, ROOT, job_env, master_port, remove_shm_buffers, run_deepspeed
+from launch import LAUNCHERS, ROOT, job_env, run_deepspeed, wait_or_kill
 
 STEPS, EVERY = 10, 3
 
@@ -54,21 +54,6 @@ def start(script: Path, args: list[str], env: dict | None = None) -> tuple[subpr
     proc = subprocess.Popen(cmd, env=env or job_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     return proc, cmd
-
-
-def finish(proc: subprocess.Popen, cmd: list[str], timeout: float) -> str:
-    """Wait for the launcher (killing its whole group past ``timeout``); return its output."""
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"{' '.join(cmd)} ran past {timeout}s:\n{out[-6000:]}") from None
-    finally:
-        with_port = master_port(cmd)
-        if with_port:
-            remove_shm_buffers(with_port)
-    return out
 
 
 def rank_pid(launcher: subprocess.Popen, rank: int) -> int:
@@ -147,7 +132,7 @@ def test_sigkill_one_rank_then_resume_gives_the_uninterrupted_run(setup):
     wait_for_step(out / "metrics.jsonl", 7, proc)
     killed_at = time.monotonic()
     os.kill(rank_pid(proc, 1), signal.SIGKILL)
-    log = finish(proc, cmd, timeout=120)
+    log = wait_or_kill(proc, cmd, timeout=120)
     assert proc.returncode != 0
     assert time.monotonic() - killed_at < 60, "the surviving rank did not stop promptly"
     assert not (out / "model.safetensors").exists(), f"the killed run finished anyway:\n{log[-3000:]}"
@@ -170,7 +155,7 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(setup):
     args = train_args(data, model, out)
     env = {**job_env(), "KILL_DURING_SAVE_OF": "step-00000006"}
     proc, cmd = start(ROOT / "tests/workers/kill_during_save.py", args, env)
-    log = finish(proc, cmd, timeout=300)
+    log = wait_or_kill(proc, cmd, timeout=300)
     assert proc.returncode != 0, log[-3000:]
     checkpoints = out / "checkpoints"
     assert (checkpoints / "step-00000006.partial").is_dir(), log[-3000:]  # DeepSpeed's files were written
@@ -215,7 +200,7 @@ def test_a_hung_rank_stops_the_others_within_the_timeout(setup):
         hung = rank_pid(proc, 1)
         os.kill(hung, signal.SIGSTOP)
         stopped_at = time.monotonic()
-        log = finish(proc, cmd, timeout=150)
+        log = wait_or_kill(proc, cmd, timeout=150)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
