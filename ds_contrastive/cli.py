@@ -4,6 +4,10 @@
 Python, torch, DeepSpeed, transformers, sentence-transformers and their
 neighbours, the CUDA/NCCL build, the GPUs this process sees, and the
 environment variables that change how a run behaves (secrets left out).
+
+``ds-contrastive report RUN_DIR`` plots a finished (or killed) run's
+``metrics.jsonl`` into ``RUN_DIR/report/index.html``: one self-contained page
+with the run's settings, a table of its main metrics and a PNG per plot.
 """
 
 from __future__ import annotations
@@ -86,6 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     env = commands.add_parser("env", help="print versions, GPUs and settings for a bug report")
     env.add_argument("--json", action="store_true", help="as one JSON object")
+    report = commands.add_parser("report", help="plot a run's metrics into one HTML page")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a training run's output_dir (holds metrics.jsonl)")
+    report.add_argument("--out", metavar="DIR", help="write the page and its PNGs here (default: RUN_DIR/report)")
     args = parser.parse_args(argv)
     if args.command == "env":
         info = environment()
@@ -93,3 +100,10 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(info, indent=2))
         else:
             print_environment(info)
+    elif args.command == "report":
+        from .report import ReportError, write_report  # matplotlib: loaded only for this command
+
+        try:
+            print(write_report(args.run_dir, args.out))
+        except ReportError as error:
+            report.error(str(error))
