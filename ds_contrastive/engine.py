@@ -26,6 +26,7 @@ from .ds_config import load_ds_config, precision, resolve_ds_config, zero_stage
 from .losses import InfoNCE
 from .matryoshka import Matryoshka
 from .module import EmbeddingModule
+from .retrieval import sharded_retrieval_metrics
 from .saving import save_consolidated
 from .step import CachedStep, Prepared, check_dims
 
@@ -180,8 +181,27 @@ class ContrastiveEngine:
                     "learning rate and the temperature")
         end = time.perf_counter()
         return {**out.report(end - start, self.device), "lr": float(self.engine.get_lr()[0]), "grad_norm": norm,
-                "time_optimizer": end - t_step, "skipped": float(not out.finite),
+                "time_optimizer": end - t_step, "time_step": end - start, "skipped": float(not out.finite),
                 "skipped_steps": float(self.skipped_steps), "truncated_texts_total": float(self.truncated_texts)}
+
+    def evaluate_retrieval(self, queries: list[str], documents: list[str]) -> dict[str, float]:
+        """Retrieval metrics (recall@1/10, MRR@10, nDCG@10) of held-out pairs split over ranks.
+
+        Each rank passes its own share of the pairs; in rank order they make
+        the held-out set, where query i's only relevant document is document i.
+        Every rank embeds its share with the model as it is now (eval mode: no
+        dropout), so a ZeRO-3 model is never gathered on one rank; see
+        :func:`~ds_contrastive.retrieval.sharded_retrieval_metrics`. Collective;
+        the result is equal on every rank.
+        """
+        training = self.module.training
+        self.engine.eval()
+        try:
+            local, counts = self.step.embed({self.step.anchor_column: queries, self.step.positive_column: documents},
+                                            self.backend)
+        finally:
+            self.engine.train(training)
+        return sharded_retrieval_metrics(local[:, 0], local[:, 1], counts)
 
     # --- checkpoints ----------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .guide import Guide
-from .losses import GlobalColumns, InfoNCE
+from .losses import GlobalColumns, InfoNCE, negative_sums
 
 
 @dataclass
@@ -116,6 +116,6 @@ class GuidedInfoNCE(InfoNCE):
             sums[f"candidates_{name}"] = torch.tensor(masked.numel(), device=docs.device)
             sums[f"masked_similarity_{name}"] = (guide_sim * masked).sum()
         positive = terms[0][rows, idx]
-        sums["correct"] = (terms[0].detach().argmax(dim=1) == idx).sum()
         sums["masked_duplicates"] = dup_docs.sum()
+        sums.update(negative_sums(terms, idx, scale))
         return self.log_partition(terms) - positive, sums

@@ -175,9 +175,17 @@ class InfoNCE:
         return LossResult(raw.grad, s.grad.item(), {k: float(v) for k, v in sums.items()})
 
     def summarize(self, sums: dict[str, float], n: int) -> dict[str, float]:
-        """Metrics of the global batch from the sums over every rank's rows."""
+        """Metrics of the global batch from the sums over every rank's rows.
+
+        ``hardest_negative_similarity`` is the mean over anchors that have at
+        least one unmasked document negative (NaN when none has).
+        """
+        with_negative = sums["rows_with_negatives"]
         return {"loss": sums["loss"] / n, "accuracy": sums["correct"] / n,
-                "masked_duplicates": sums["masked_duplicates"]}
+                "masked_duplicates": sums["masked_duplicates"], "candidates_per_anchor": sums["candidates"] / n,
+                "positive_similarity": sums["positive_similarity"] / n,
+                "hardest_negative_similarity": sums["hardest_negative_similarity"] / with_negative
+                if with_negative else math.nan}
 
     def candidates_per_row(self, n: int, docs: int) -> int:
         """Columns of one row's logits (sets the tile height)."""
@@ -216,8 +224,31 @@ class InfoNCE:
             own = (torch.arange(docs.shape[0], device=docs.device)[None, :] % n) == idx[:, None]
             terms.append((scale * p @ docs.T).masked_fill(own | dup_docs, -torch.inf))
         positive = query_to_doc[torch.arange(len(idx), device=docs.device), idx]
-        sums = {
-            "correct": (query_to_doc.detach().argmax(dim=1) == idx).sum(),
-            "masked_duplicates": dup_docs.sum(),
-        }
+        sums = {"masked_duplicates": dup_docs.sum(), **negative_sums(terms, idx, scale)}
         return self.log_partition(terms) - positive, sums
+
+
+@torch.no_grad()
+def negative_sums(terms: list[torch.Tensor], idx: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What a tile's rows see of their negatives, as sums over the rows (for the ``negatives/`` metrics).
+
+    ``terms`` are the row's scaled logits, masked candidates at -inf, the first
+    being anchor-to-document with the positive at column ``idx``. Returns top-1
+    ``correct``, the unmasked ``candidates`` besides the positive, and the
+    unscaled similarity of the positive and of the hardest (most similar)
+    unmasked document negative, with the count of rows that have one.
+    """
+    rows = torch.arange(len(idx), device=idx.device)
+    query_to_doc = terms[0]
+    top = query_to_doc.topk(min(2, query_to_doc.shape[1]), dim=1)
+    # the best candidate other than the positive: the first of the top two that is not the positive
+    hardest = torch.where(top.indices[:, 0] == idx, top.values[:, -1], top.values[:, 0])
+    hardest = torch.where(top.indices[:, -1] == top.indices[:, 0], -torch.inf, hardest)  # one column: no negative
+    has_negative = torch.isfinite(hardest)
+    return {
+        "correct": (query_to_doc.argmax(dim=1) == idx).sum(),
+        "candidates": sum(torch.isfinite(t).sum() for t in terms) - len(idx),
+        "positive_similarity": (query_to_doc[rows, idx] / scale).sum(),
+        "hardest_negative_similarity": (hardest[has_negative] / scale).sum(),
+        "rows_with_negatives": has_negative.sum(),
+    }

@@ -85,6 +85,7 @@ class StepOutput:
             "global_batch_size": float(self.global_batch_size),
             "samples_per_second": self.global_batch_size / seconds,
             "tokens_per_second": self.real_tokens / seconds,
+            "tokens": self.real_tokens,
             "padding_fraction": 1.0 - self.real_tokens / self.padded_tokens,
             "chunks": float(len(self.plan)),
             "kept_chunks": float(self.kept_chunks),
@@ -214,6 +215,19 @@ class CachedStep:
         with respect to the embeddings, which is cheap next to the encoder.
         """
         return self._run(batch, backend, step, backward=False)
+
+    def embed(self, batch: Mapping[str, list[str]], backend: Backend) -> tuple[torch.Tensor, list[int]]:
+        """Step 1 and a grad-free pass 1: this rank's shard as [rows, columns, dim] fp32, and every rank's rows.
+
+        For evaluation: collective like a step (shards may differ in size;
+        ZeRO-3 ranks run the same number of forwards); nothing is kept for a
+        backward. The caller chooses the module's mode (eval: no dropout).
+        """
+        prepared = self.prepare(batch)
+        plan, counts, _ = self._agree(prepared)
+        chunks = Chunks(plan, prepared.tokens, backend.device)
+        local, _ = self._pass1(backend, chunks, prepared.shard.rows, step=0, kept=0, graphs=[])
+        return local, counts
 
     def _run(self, batch: Mapping[str, list[str]] | Prepared, backend: Backend, step: int, backward: bool
              ) -> StepOutput:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -25,14 +24,18 @@ from .distributed import (
     shutdown,
     world,
 )
+from .ds_auto import format_resolved, resolve_auto, warmup_steps
+from .ds_check import check_start
 from .ds_config import load_ds_config
 from .engine import ContrastiveEngine
+from .evaluation import Evaluation
 from .guided import GuidedInfoNCE
 from .losses import InfoNCE
 from .matryoshka import Matryoshka
 from .mixture import MixedBatches, Source, by_role
 from .prefetch import prefetched
 from .streaming import StreamingBatches
+from .tracking import Tracker, rank_values, sectioned
 from .train_config import BUILTIN_DATA, BUILTIN_MODEL, TrainConfig, argument_parser, load_train_config, redacted
 
 if TYPE_CHECKING:
@@ -141,12 +144,6 @@ def load_eval_data(cfg: TrainConfig) -> dict[str, list[str]] | None:
     return {k: v[: cfg.eval_pairs] for k, v in data.items()}
 
 
-def evaluate(model, pairs: dict[str, list[str]]) -> dict[str, float]:
-    from .retrieval import evaluate_model
-
-    return evaluate_model(model, pairs["anchor"], pairs["positive"])
-
-
 def check_same_data(data: dict[str, list[str]]) -> str:
     """Every rank must read the same rows (each derives its shards and step count from them); return their digest.
 
@@ -188,7 +185,7 @@ def build_loss(cfg: TrainConfig | ContrastiveArguments) -> InfoNCE | Matryoshka:
 
 def warmup_linear_decay(total_steps: int, warmup_ratio: float):
     """LR multiplier: linear warm-up to 1 over warmup_ratio of the steps, then linear decay to 0."""
-    warmup = max(1, math.ceil(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
+    warmup = warmup_steps(total_steps, warmup_ratio)
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -202,64 +199,6 @@ def apply_precision(ds_config: dict[str, Any], precision: str | None) -> dict[st
     if precision is not None:
         ds_config["bf16"] = {**ds_config.get("bf16", {}), "enabled": precision == "bf16"}
     return ds_config
-
-
-class Tracker:
-    """Rank 0's W&B run and local metrics file; every other rank logs nothing.
-
-    A resumed run (``resume_step`` set) continues the W&B run ``run_id`` and
-    drops from ``metrics.jsonl`` the records after ``resume_step``: it is about
-    to compute those steps again (W&B keeps the values it already has).
-    """
-
-    def __init__(self, cfg: TrainConfig, ds_config: dict[str, Any], rank: int, resume_step: int | None = None,
-                 run_id: str | None = None) -> None:
-        self.active = rank == 0
-        self.run = None
-        self.run_id = run_id
-        if not self.active:
-            return
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / "metrics.jsonl"
-        if resume_step is not None and path.exists():
-            keep = [line for line in path.read_text().splitlines() if _record_step(line) <= resume_step]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in keep))
-            os.replace(tmp, path)
-        self.metrics_file = path.open("a")
-        if cfg.wandb:
-            import wandb
-
-            resume = {"id": run_id, "resume": "allow"} if run_id else {}
-            self.run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, tags=cfg.wandb_tags,
-                                  dir=str(out), config=redacted({"train": asdict(cfg), "deepspeed": ds_config}),
-                                  **resume)
-            self.run_id = self.run.id
-            self.first_step = self.run.step  # a resumed run's steps before this are already in W&B
-
-    def log(self, metrics: dict[str, float], step: int, record: dict[str, Any] | None = None) -> None:
-        """Log ``metrics`` at ``step``; ``record`` (strings such as the batch digest) goes to the file only."""
-        if not self.active:
-            return
-        self.metrics_file.write(json.dumps({"step": step, **metrics, **(record or {})}) + "\n")
-        self.metrics_file.flush()
-        if self.run is not None and step >= self.first_step:
-            self.run.log(metrics, step=step)
-
-    def finish(self) -> None:
-        if self.active:
-            self.metrics_file.close()
-            if self.run is not None:
-                self.run.finish()
-
-
-def _record_step(line: str) -> float:
-    """The step of one metrics.jsonl line; infinity for a line cut short by a kill (dropped on resume)."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
 
 
 def checkpoint_root(cfg: TrainConfig) -> Path:
@@ -353,17 +292,20 @@ def train(cfg: TrainConfig, ds_config_path: str) -> dict[str, Any]:
 
 def _train(cfg: TrainConfig, ds_config_path: str) -> dict[str, Any]:
     rank, world_size = world()
-    ds_config = apply_precision(load_ds_config(ds_config_path), cfg.precision)
+    # the DeepSpeed config against the training config, before any data or model loads
+    ds_config = check_start(apply_precision(load_ds_config(ds_config_path), cfg.precision), cfg, world_size,
+                            ds_config_path)
     batches, examples, fingerprint = load_batches(cfg)
     total_steps = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
     identity = run_identity(cfg, total_steps, fingerprint)
     resume_from = find_resume(cfg)
     eval_pairs = load_eval_data(cfg)
     model = load_model(cfg.model)
+    ds_config, resolved = resolve_auto(ds_config, cfg, total_steps, model[0].auto_model.config.hidden_size,
+                                       ds_config_path)
+    if rank == 0:
+        print(format_resolved(resolved, ds_config_path), flush=True)
     summary: dict[str, Any] = {"world_size": world_size, "steps": total_steps, "train_examples": examples}
-    if eval_pairs and rank == 0 and resume_from is None:
-        summary["before"] = evaluate(model, eval_pairs)
-        print(f"held-out retrieval before training: {_fmt(summary['before'])}", flush=True)
 
     engine = ContrastiveEngine(
         model, build_loss(cfg), ds_config=ds_config, chunk_tokens=cfg.chunk_tokens, chunk_rows=cfg.chunk_rows, lr=cfg.lr,
@@ -372,7 +314,7 @@ def _train(cfg: TrainConfig, ds_config_path: str) -> dict[str, Any]:
         max_length=cfg.max_length, retain_tokens=cfg.retain_tokens, max_nonfinite_steps=cfg.max_nonfinite_steps,
     )
     set_collective_timeout(cfg.collective_timeout_seconds)  # the groups DeepSpeed made too
-    run_id, bad_rows = None, 0
+    run_id, bad_rows, best = None, 0, None
     if resume_from is not None:
         saved = checkpoint.read_state(resume_from)["run"]
         check_identity(resume_from, saved["identity"], identity)
@@ -380,12 +322,22 @@ def _train(cfg: TrainConfig, ds_config_path: str) -> dict[str, Any]:
         if saved["data_position"] != data_position(batches, engine.global_step):
             raise checkpoint.CheckpointError(f"{resume_from}: the data position it holds is not where this run's "
                                              "data stands at that step (a different ds_contrastive version?)")
-        run_id, bad_rows = saved.get("wandb_run_id"), mine.get("bad_rows", 0)
+        run_id, bad_rows, best = saved.get("wandb_run_id"), mine.get("bad_rows", 0), saved.get("best_eval")
         summary["resumed_from"] = str(resume_from)
         if rank == 0:
             print(f"resumed from {resume_from} at step {engine.global_step} of {total_steps}", flush=True)
     start_step = engine.global_step
-    tracker = Tracker(cfg, engine.config, rank, start_step if resume_from else None, run_id)
+    run_config = redacted({"train": asdict(cfg), "deepspeed": engine.config, "versions": versions(),
+                           "world_size": world_size})
+    wandb_args = ({"project": cfg.wandb_project, "name": cfg.wandb_run_name, "tags": cfg.wandb_tags}
+                  if cfg.wandb else None)
+    tracker = Tracker(cfg.output_dir, run_config, rank, wandb_args, start_step if resume_from else None, run_id)
+    evaluation = Evaluation(cfg, eval_pairs, rank, world_size, best) if eval_pairs else None
+    if evaluation is not None and resume_from is None:
+        summary["before"] = evaluation.run(engine, 0)
+        tracker.log({f"eval/{k}": v for k, v in summary["before"].items()}, 0)
+        if rank == 0:
+            print(f"held-out retrieval before training: {_fmt(summary['before'])}", flush=True)
     schedule = checkpoint.Schedule(cfg.checkpoint_every_steps, cfg.checkpoint_every_minutes, engine.device)
     progress = None
     if rank == 0 and cfg.progress_bar:
@@ -395,29 +347,34 @@ def _train(cfg: TrainConfig, ds_config_path: str) -> dict[str, Any]:
     items = training_items(cfg, batches, rank, world_size, start_step, total_steps, bad_rows)
     # the next shard is read and tokenized in a background thread while this step runs
     prepare = lambda item: (item[0], engine.prepare(item[1]), item[2])
-    for step, (name, prepared, bad_rows) in enumerate(prefetched(prepare, items), start=start_step):
+    for step, (name, prepared, bad_rows) in enumerate(prefetched(prepare, items), start=start_step + 1):
         metrics = engine.train_step(prepared)
-        logged = {f"train/{k}": v for k, v in metrics.items()}
+        logged = sectioned(metrics, rank_values(metrics, engine.device))
         if cfg.datasets:  # each step's batch comes from one dataset
             logged.update({f"train/{name}/loss": metrics["loss"], f"train/{name}/accuracy": metrics["accuracy"]})
         if cfg.streaming:
             logged["train/bad_rows_skipped"] = float(bad_rows)  # this rank's (rank 0's in the logs)
-        tracker.log(logged, step + 1, {"dataset": name, "batch_digest": engine.last_batch_digest})
+        tracker.log(logged, step, {"dataset": name, "batch_digest": engine.last_batch_digest})
         if progress is not None:
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_second']:.1f}")
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{logged['perf/samples_per_second']:.1f}")
             progress.update()
-        if step + 1 < total_steps and schedule.due(step + 1):
-            state = {"identity": identity, "data_position": data_position(batches, step + 1),
-                     "wandb_run_id": tracker.run_id, "config": redacted(asdict(cfg)), "versions": versions()}
+        if evaluation is not None and evaluation.due(step, total_steps):
+            summary["after"] = evaluation.run(engine, step)
+            tracker.log({f"eval/{k}": v for k, v in summary["after"].items()}, step)
+        if step < total_steps and schedule.due(step):
+            state = {"identity": identity, "data_position": data_position(batches, step),
+                     "wandb_run_id": tracker.run_id, "config": redacted(asdict(cfg)), "versions": versions(),
+                     "best_eval": evaluation.best if evaluation else None}
             engine.save_checkpoint(checkpoint_root(cfg), state, {"bad_rows": bad_rows}, cfg.keep_checkpoints)
     if progress is not None:
         progress.close()
 
     engine.save(cfg.output_dir)
-    if eval_pairs and rank == 0:
-        summary["after"] = evaluate(load_model(cfg.output_dir), eval_pairs)
-        print(f"held-out retrieval after training:  {_fmt(summary['after'])}", flush=True)
-        tracker.log({f"eval/{k}": v for k, v in summary["after"].items()}, total_steps)
+    if evaluation is not None:
+        if rank == 0:
+            print(f"held-out retrieval after training:  {_fmt(summary['after'])}", flush=True)
+        if evaluation.best is not None:
+            summary["best"] = evaluation.best
     tracker.finish()
     return summary
 

@@ -25,6 +25,7 @@ from .ds_config import ConfigError
 
 BUILTIN_MODEL = "builtin:all-MiniLM-L6-v2"
 BUILTIN_DATA = "builtin:stdlib"
+EVAL_METRICS = ("recall@1", "recall@10", "mrr@10", "ndcg@10")  # what the held-out evaluation reports
 
 
 @dataclass
@@ -39,6 +40,8 @@ class TrainConfig:
     max_bad_rows: int = 0  # streaming: bad rows each rank may skip (counted) before it stops with an error
     eval_data: str | None = BUILTIN_DATA  # held-out (anchor, positive) pairs for retrieval metrics; null: none
     eval_pairs: int = 300  # most held-out pairs evaluated
+    eval_every_steps: int | None = None  # also evaluate every N steps (all ranks), keeping the best model in output_dir/best
+    best_metric: str = "ndcg@10"  # what picks the best model: recall@1, recall@10, mrr@10 or ndcg@10
     anchor_column: str = "anchor"
     positive_column: str = "positive"
     negative_columns: list[str] = field(default_factory=list)
@@ -118,6 +121,11 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be > 0, got {value}")
+        if self.eval_every_steps is not None and (self.eval_every_steps < 1 or self.eval_data is None):
+            raise ConfigError(f"eval_every_steps must be >= 1 and needs eval_data, got {self.eval_every_steps} "
+                              f"with eval_data={self.eval_data!r}")
+        if self.best_metric not in EVAL_METRICS:
+            raise ConfigError(f"best_metric must be one of {', '.join(EVAL_METRICS)}, got {self.best_metric!r}")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.resume is not None and not self.resume.strip():
@@ -220,8 +228,10 @@ def load_train_config(path: str | Path | None, overrides: dict[str, Any]) -> Tra
 def argument_parser() -> argparse.ArgumentParser:
     """``--config``, ``--deepspeed_config`` and one ``--KEY`` per TrainConfig field."""
     parser = argparse.ArgumentParser(description="Contrastive training of a text embedder on DeepSpeed.")
-    parser.add_argument("--config", help="training config (YAML); command-line keys override it")
-    parser.add_argument("--deepspeed_config", default="configs/deepspeed/zero2.json", help="DeepSpeed JSON config")
+    parser.add_argument("--config", metavar="VALUE",
+                        help="training config (YAML); command-line keys override it. default: None")
+    parser.add_argument("--deepspeed_config", default="configs/deepspeed/zero2.json", metavar="VALUE",
+                        help="DeepSpeed JSON config. default: %(default)r")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):

@@ -37,6 +37,7 @@ def datasets(root: Path) -> str:
     write_jsonl(root / "a.jsonl", corpus(32, 1, seed=11))
     b = corpus(24, 0, seed=12)
     write_jsonl(root / "b.jsonl", {"q": b["anchor"], "d": b["positive"]})
+    write_jsonl(root / "heldout.jsonl", corpus(10, 0, seed=13))
     return json.dumps([{"path": str(root / "a.jsonl"), "weight": 1.0},
                        {"path": str(root / "b.jsonl"), "weight": 1.5, "anchor_column": "q", "positive_column": "d",
                         "negative_columns": [], "query_prefix": "query: ", "document_prefix": "passage: "}])
@@ -44,7 +45,8 @@ def datasets(root: Path) -> str:
 
 def train_args(data: str, model: Path, out: Path, *extra: str) -> list[str]:
     return ["--model", str(model), "--datasets", data, "--negative_columns", "negative_0",
-            "--eval_data", "null", "--global_batch_size", "8", "--max_steps", str(STEPS), "--chunk_rows", "4",
+            "--eval_data", str(Path(json.loads(data)[0]["path"]).with_name("heldout.jsonl")), "--eval_every_steps", "4",
+            "--best_metric", "mrr@10", "--global_batch_size", "8", "--max_steps", str(STEPS), "--chunk_rows", "4",
             "--learnable_temperature", "true", "--precision", "fp32", "--wandb", "true", "--progress_bar", "false",
             "--checkpoint_every_steps", str(EVERY), "--output_dir", str(out), *extra]
 
@@ -81,6 +83,12 @@ def wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: flo
 def steps_seen(out: Path) -> list[tuple[int, str, str, float]]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["dataset"], r["batch_digest"], r["train/loss"]) for r in rows if "train/loss" in r]
+
+
+def evaluations(out: Path) -> list[dict]:
+    """The eval records of the run's metrics file, and its best model's eval.json."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "eval/mrr@10" in r] + [json.loads((out / "best/eval.json").read_text())]
 
 
 def assert_same_model(a: Path, b: Path) -> None:
@@ -142,6 +150,10 @@ def test_sigkill_one_rank_then_resume_gives_the_uninterrupted_run(setup):
     assert "resumed from" in resumed and "at step 6 of 10" in resumed
     assert_same_model(reference, out)
     assert steps_seen(out) == steps_seen(reference)  # same batches (digests), same losses, each step once
+    # the best evaluation so far (step 4) came back with the checkpoint: the same best model is kept
+    assert evaluations(out) == evaluations(reference)
+    assert [e["step"] for e in evaluations(reference)[:-1]] == [0, 4, 8, 10]
+    assert_same_model(reference / "best", out / "best")
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, "not the same W&B run"
     logged = [row["_step"] for row in history(next(runs[1].glob("run-*.wandb"))) if "train/loss" in row]

@@ -1,29 +1,45 @@
 """``launch/train.py`` end to end: 2 ranks under the deepspeed launcher, W&B offline, a few steps.
 
-The test reads the logged metrics back from the offline run file and loads the
-saved model with ``SentenceTransformer(path)``; ZeRO-2, ZeRO-3 and ZeRO-3 with
-CPU offload runs of the same job must save the same model (ZeRO-3 saves
+The test reads the logged metrics back from the offline run file and checks
+them against the README's metric table (every documented key logged and
+finite, nothing logged that is not documented), compares the sharded
+evaluation with a single-process one of the saved model, and loads the saved
+models with ``SentenceTransformer(path)``; ZeRO-2, ZeRO-3 and ZeRO-3 with CPU
+offload runs of the same job must save the same model (ZeRO-3 saves
 consolidated weights).
 """
 
 import json
 import math
+import re
 
+import deepspeed
 import pytest
 import torch
 from sentence_transformers import SentenceTransformer
 
+from ds_contrastive.retrieval import evaluate_model
 from helpers import corpus, minilm_dir
 from launch import ROOT, run_deepspeed
-from wandb_offline import config, history, run_file
+from wandb_offline import config, history, records, run_file
 
 STEPS = 3
-CONFIGS = {"zero2": [], "zero3": [], "zero3_offload": [],
+HELDOUT = 13  # split 6 + 7 over the two ranks
+CONFIGS = {"zero2": ["--eval_every_steps", "2"], "zero3": [], "zero3_offload": [],
            "zero3_guided_matryoshka": ["--guide", str(minilm_dir()), "--matryoshka_dims", "32,16",
                                        "--matryoshka_weights", "1,0.5", "--margin", "0.02"]}
-STEP_KEYS = ["loss", "accuracy", "temperature", "lr", "grad_norm", "samples_per_second", "tokens_per_second",
-             "time_pass1", "time_gather_loss", "time_pass2", "time_optimizer", "peak_memory_gb", "masked_duplicates",
-             "global_batch_size"]
+PLACES = {"<dim>": ["32", "16"], "<term>": ["anchor_doc", "anchor_anchor", "positive_positive"]}
+
+
+def documented_keys() -> dict[str, list[str]]:
+    """The README's metric table: {when: [key, ...]}, placeholders expanded for these runs."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Logging and outputs"):readme.index("## Checkpoints and resuming")]
+    table: dict[str, list[str]] = {}
+    for key, when in re.findall(r"^\| `([^`]+)` \| ([^|]+?) \|", section, re.MULTILINE):
+        place = next((p for p in PLACES if p in key), None)
+        table.setdefault(when, []).extend([key.replace(place, v) for v in PLACES[place]] if place else [key])
+    return table
 
 
 def write_jsonl(path, columns):
@@ -36,7 +52,7 @@ def write_jsonl(path, columns):
 def runs(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     write_jsonl(root / "train.jsonl", corpus(40, 1, seed=11))
-    write_jsonl(root / "heldout.jsonl", corpus(12, 0, seed=12))
+    write_jsonl(root / "heldout.jsonl", corpus(HELDOUT, 0, seed=12))
     out = {}
     for stage, extra in CONFIGS.items():
         out[stage] = root / stage
@@ -52,33 +68,84 @@ def runs(tiny_model_dir, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_wandb_offline_run_has_step_metrics(runs, stage):
+def step_rows(path):
+    return [row for row in history(path) if "train/loss" in row]
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3", "zero3_guided_matryoshka"])
+def test_wandb_run_logs_every_documented_key_and_nothing_else(runs, stage):
+    documented = documented_keys()
+    assert len(documented["always"]) >= 25 and len(documented["eval"]) == 4
+    expected = documented["always"] + (documented["guided"] + documented["Matryoshka"] if "guided" in stage else [])
     path = run_file(runs[stage])
-    steps = [row for row in history(path) if "train/loss" in row]
-    assert [row["_step"] for row in steps] == list(range(1, STEPS + 1))
-    for row in steps:
-        for key in STEP_KEYS:
-            assert math.isfinite(row[f"train/{key}"]), (key, row)
-        assert row["train/global_batch_size"] == 9
-    assert any("eval/recall@1" in row for row in history(path))
+    rows = step_rows(path)
+    assert [row["_step"] for row in rows] == [row["train/step"] for row in rows] == list(range(1, STEPS + 1))
+    for row in rows:
+        missing = [key for key in expected if not math.isfinite(row.get(key, math.nan))]
+        assert not missing, (missing, row)
+        undocumented = set(row) - set(expected) - set(documented["eval"]) - {"_step", "_runtime", "_timestamp",
+                                                                             "train/step"}
+        assert not undocumented, undocumented
+        assert row["negatives/global_batch_size"] == 9
+        # 9 positives + 9 hard negatives, less the positive; the guide masks some
+        assert row["negatives/candidates_per_anchor"] == 17 if "guided" not in stage else (
+            0 < row["negatives/candidates_per_anchor"] <= 17 + 2 * 8)
+        assert 0 <= row["system/peak_memory_gb_min"] <= row["system/peak_memory_gb_max"]
+        assert row["system/peak_memory_gb_max_rank"] in (0, 1)
+        assert row["perf/time_step"] >= row["perf/time_pass1"] > 0
+        assert row["perf/samples_per_second"] == pytest.approx(9 / row["perf/time_step"], rel=1e-6)
+    evals = [row for row in history(path) if "eval/ndcg@10" in row]
+    assert [row["_step"] for row in evals] == ([0, 2, 3] if stage == "zero2" else [0, 3])
+    assert all(math.isfinite(row[key]) for row in evals for key in documented["eval"])
+    lines = [json.loads(line) for line in (runs[stage] / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "train/loss" in line] == list(range(1, STEPS + 1))
+    # the file holds what W&B got (W&B merges a step's train and eval records into one row)
+    assert [{k: v for k, v in line.items() if k not in ("step", "dataset", "batch_digest")} for line in lines
+            if "train/loss" in line] == [{k: v for k, v in row.items() if k in expected} for row in rows]
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_wandb_run_config_and_metric_definitions(runs, stage):
+    path = run_file(runs[stage])
     logged = config(path)
-    assert logged["train"]["global_batch_size"] == 9
+    assert logged["train"]["global_batch_size"] == 9 and logged["world_size"] == 2
     assert logged["deepspeed"]["zero_optimization"]["stage"] == int(stage[-1])
-    lines = (runs[stage] / "metrics.jsonl").read_text().splitlines()
-    assert len([line for line in lines if "train/loss" in line]) == STEPS
+    assert logged["versions"]["deepspeed"] == deepspeed.__version__
+    assert logged["versions"]["torch"] == torch.__version__
+    assert json.loads((runs[stage] / "run_config.json").read_text())["versions"] == logged["versions"]
+    metrics = [r.metric for r in records(path) if r.WhichOneof("record_type") == "metric"]
+    globs = {m.glob_name: m for m in metrics if m.glob_name}
+    for section in ("train", "negatives", "perf", "system", "eval"):
+        assert globs[f"{section}/*"].step_metric == "train/step"
+    assert globs["eval/*"].summary.max
+    named = {m.name: m for m in metrics if m.name}
+    assert named["train/loss"].summary.min and named["system/peak_memory_gb_max"].summary.max
 
 
-def test_guided_matryoshka_run_logs_its_metrics(runs):
-    steps = [row for row in history(run_file(runs["zero3_guided_matryoshka"])) if "train/loss" in row]
-    assert len(steps) == STEPS
-    for row in steps:
-        for key in ("loss@16", "loss@32", "accuracy@16", "guide_masked_fraction_anchor_doc",
-                    "guide_masked_fraction_anchor_anchor", "guide_masked_fraction_positive_positive",
-                    "guide_masked_similarity_anchor_doc", "time_guide"):
-            assert math.isfinite(row[f"train/{key}"]), (key, row)
-        assert 0 <= row["train/guide_masked_fraction_anchor_doc"] <= 1
-    SentenceTransformer(str(runs["zero3_guided_matryoshka"]), device="cpu").encode(["loads"])
+def test_sharded_evaluation_equals_one_process_evaluation_of_the_saved_model(runs, tiny_model_dir):
+    heldout = corpus(HELDOUT, 0, seed=12)
+    for stage in ("zero2", "zero3"):
+        summary = json.loads((runs[stage] / "summary.json").read_text())
+        saved = SentenceTransformer(str(runs[stage]), device="cpu")
+        reference = evaluate_model(saved, heldout["anchor"], heldout["positive"])
+        assert summary["after"] == pytest.approx(reference, abs=1e-9), stage
+        initial = SentenceTransformer(str(tiny_model_dir), device="cpu")
+        assert summary["before"] == pytest.approx(evaluate_model(initial, heldout["anchor"], heldout["positive"]),
+                                                  abs=1e-9)
+
+
+def test_the_best_evaluation_keeps_its_model(runs):
+    best = json.loads((runs["zero2"] / "best" / "eval.json").read_text())
+    evals = [json.loads(line) for line in (runs["zero2"] / "metrics.jsonl").read_text().splitlines()
+             if "eval/ndcg@10" in line]
+    trained = [e for e in evals if e["step"] > 0]
+    top = max(trained, key=lambda e: e["eval/ndcg@10"])  # the first of equal values: only a strictly better one replaces
+    assert best["metric"] == "ndcg@10" and best["step"] == top["step"] and best["value"] == top["eval/ndcg@10"]
+    assert json.loads((runs["zero2"] / "summary.json").read_text())["best"] == best
+    heldout = corpus(HELDOUT, 0, seed=12)
+    model = SentenceTransformer(str(runs["zero2"] / "best"), device="cpu")
+    assert evaluate_model(model, heldout["anchor"], heldout["positive"]) == pytest.approx(best["metrics"], abs=1e-9)
+    assert not (runs["zero3"] / "best").exists()  # no eval_every_steps: before and after only
 
 
 def test_saved_models_load_and_agree_across_zero_stages(runs, tiny_model_dir):
