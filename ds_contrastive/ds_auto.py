@@ -40,6 +40,8 @@ ORIGINS = {
 HINTS = {
     "bf16.enabled": "set precision (bf16 or fp32) in the training config, or true/false here",
     "gradient_clipping": "the training config has no clipping setting: set a number here (0: no clipping)",
+    **{f"zero_optimization.{key}": "the model has no Hugging Face hidden size to size it by: set a number"
+       for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")},
 }
 
 
@@ -48,7 +50,7 @@ def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
     return max(1, math.ceil(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
 
 
-def training_values(cfg: TrainConfig, total_steps: int, hidden_size: int) -> dict[str, Any]:
+def training_values(cfg: TrainConfig, total_steps: int, hidden_size: int | None) -> dict[str, Any]:
     """What each key a DeepSpeed config may leave 'auto' takes from the training run (None: nothing to take)."""
     return {
         "optimizer.params.lr": cfg.lr,
@@ -62,13 +64,14 @@ def training_values(cfg: TrainConfig, total_steps: int, hidden_size: int) -> dic
         "scheduler.params.total_num_steps": total_steps,
         "bf16.enabled": {"bf16": True, "fp32": False}.get(cfg.precision or ""),
         "fp16.enabled": False,
-        "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
-        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-        "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
+        # None: a model that is not a Hugging Face encoder has no hidden size to size them by
+        "zero_optimization.reduce_bucket_size": hidden_size and hidden_size * hidden_size,
+        "zero_optimization.stage3_prefetch_bucket_size": hidden_size and int(0.9 * hidden_size * hidden_size),
+        "zero_optimization.stage3_param_persistence_threshold": hidden_size and 10 * hidden_size,
     }
 
 
-def auto_values(config: dict[str, Any], cfg: TrainConfig, total_steps: int, hidden_size: int,
+def auto_values(config: dict[str, Any], cfg: TrainConfig, total_steps: int, hidden_size: int | None,
                 source: str | Path) -> dict[str, Any]:
     """The value of each 'auto' in ``config`` (dotted key -> value); ConfigError for one that cannot be resolved."""
     known = training_values(cfg, total_steps, hidden_size)
@@ -81,7 +84,7 @@ def auto_values(config: dict[str, Any], cfg: TrainConfig, total_steps: int, hidd
     return values
 
 
-def resolve_auto(config: dict[str, Any], cfg: TrainConfig, total_steps: int, hidden_size: int,
+def resolve_auto(config: dict[str, Any], cfg: TrainConfig, total_steps: int, hidden_size: int | None,
                  source: str | Path) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
     """``config`` with its 'auto' values resolved, and the (dotted key, value) pairs resolved, in config order.
 

@@ -24,6 +24,7 @@ under ZeRO-3).
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -216,9 +217,13 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
         return (loss, {}) if return_outputs else loss
 
     def track(self, metrics: dict[str, float], device: torch.device) -> torch.Tensor:
-        """Hand the step's metrics to sentence-transformers' per-log averaging; return the loss as a tensor."""
+        """Hand the step's metrics to sentence-transformers' per-log averaging; return the loss as a tensor.
+
+        A value that is not finite (the hardest-negative similarity of a batch
+        where every negative was masked) is left out rather than averaged into NaN.
+        """
         self.track_loss_components({k: torch.tensor(float(v), device=device) for k, v in metrics.items()
-                                    if k != "loss"})
+                                    if k != "loss" and math.isfinite(v)})
         return torch.tensor(metrics["loss"], device=device)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

@@ -65,6 +65,11 @@ def builtin_split(part: str) -> dict[str, list[str]]:
     return {"anchor": [a for a, _ in pairs], "positive": [p for _, p in pairs]}
 
 
+def hidden_size(model) -> int | None:
+    """The encoder's hidden size (DeepSpeed's 'auto' bucket sizes follow it); None if not a Hugging Face encoder."""
+    return getattr(getattr(getattr(model[0], "auto_model", None), "config", None), "hidden_size", None)
+
+
 def load_train_data(cfg: TrainConfig) -> dict[str, list[str]]:
     columns = [cfg.anchor_column, cfg.positive_column, *cfg.negative_columns]
     if cfg.train_data == BUILTIN_DATA:
@@ -301,8 +306,7 @@ def _train(cfg: TrainConfig, ds_config_path: str) -> dict[str, Any]:
     resume_from = find_resume(cfg)
     eval_pairs = load_eval_data(cfg)
     model = load_model(cfg.model)
-    ds_config, resolved = resolve_auto(ds_config, cfg, total_steps, model[0].auto_model.config.hidden_size,
-                                       ds_config_path)
+    ds_config, resolved = resolve_auto(ds_config, cfg, total_steps, hidden_size(model), ds_config_path)
     if rank == 0:
         print(format_resolved(resolved, ds_config_path), flush=True)
     summary: dict[str, Any] = {"world_size": world_size, "steps": total_steps, "train_examples": examples}

@@ -303,3 +303,11 @@ def test_help_lists_every_option_with_its_default(capsys, monkeypatch):
         assert re.sub(r"\s+", "", f"--{name} VALUE default: {value!r}") in text, name
     assert "--deepspeed_configVALUEDeepSpeedJSONconfig.default:'configs/deepspeed/zero2.json'" in text
     assert "--configVALUE" in text
+
+
+def test_bucket_sizes_without_a_hidden_size_name_the_key():
+    config = {"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": "auto"}}
+    with pytest.raises(ConfigError, match=re.escape("zero_optimization.stage3_prefetch_bucket_size is 'auto', which "
+                                                    "ds_contrastive cannot resolve: the model has no Hugging Face")):
+        resolve_auto(config, TrainConfig(), 100, None, "x.json")
+    assert resolve_auto({"zero_optimization": {"stage": 3}}, TrainConfig(), 100, None, "x.json")[1] == []

@@ -44,9 +44,12 @@ def datasets(root: Path) -> str:
 
 
 def train_args(data: str, model: Path, out: Path, *extra: str) -> list[str]:
-    return ["--model", str(model), "--datasets", data, "--negative_columns", "negative_0",
-            "--eval_data", str(Path(json.loads(data)[0]["path"]).with_name("heldout.jsonl")), "--eval_every_steps", "4",
-            "--best_metric", "mrr@10", "--global_batch_size", "8", "--max_steps", str(STEPS), "--chunk_rows", "4",
+    """The reference run's arguments; with datasets, the held-out pairs beside them are evaluated every 4 steps."""
+    sources = json.loads(data)
+    evaluation = (["--eval_data", str(Path(sources[0]["path"]).with_name("heldout.jsonl")), "--eval_every_steps", "4",
+                   "--best_metric", "mrr@10"] if sources else ["--eval_data", "null"])
+    return ["--model", str(model), "--datasets", data, "--negative_columns", "negative_0", *evaluation,
+            "--global_batch_size", "8", "--max_steps", str(STEPS), "--chunk_rows", "4",
             "--learnable_temperature", "true", "--precision", "fp32", "--wandb", "true", "--progress_bar", "false",
             "--checkpoint_every_steps", str(EVERY), "--output_dir", str(out), *extra]
 

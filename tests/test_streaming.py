@@ -139,7 +139,7 @@ def test_launch_train_streams_a_file_and_names_a_bad_line(tiny_model_dir, tmp_pa
                   timeout=600)
     logged = [json.loads(line) for line in (tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logged] == list(range(1, 9))  # 8 steps: 6 batches per epoch, then the next epoch
-    assert all(m["train/global_batch_size"] == 8 and m["train/bad_rows_skipped"] == 0 for m in logged)
+    assert all(m["negatives/global_batch_size"] == 8 and m["train/bad_rows_skipped"] == 0 for m in logged)
     with pytest.raises(AssertionError) as failed:
         run_deepspeed(ROOT / "launch/train.py", 2, [*common, "--train_data", str(bad), "--output_dir",
                                                     str(tmp_path / "bad")], timeout=600)
