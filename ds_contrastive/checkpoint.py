@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .distributed import all_gather_objects, min_over_ranks, world
+from .distributed import first_error, min_over_ranks, world
 
 STATE_FILE = "state.json"
 LATEST = "latest"
@@ -133,9 +133,9 @@ def _owned_files(directory: Path, rank: int) -> list[Path]:
 
 def _agree_on_errors(error: str | None) -> None:
     """Raise on every rank if any rank reports an error (the others would wait forever otherwise)."""
-    errors = [e for e in all_gather_objects(error) if e]
-    if errors:
-        raise CheckpointError(errors[0])
+    error = first_error(error)
+    if error:
+        raise CheckpointError(error)
 
 
 def rng_state() -> dict[str, Any]:

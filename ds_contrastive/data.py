@@ -14,6 +14,7 @@ the file; Parquet and ``save_to_disk`` problems name the 0-based row (as
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -226,6 +227,19 @@ def text_problem(column: str, value: object) -> str | None:
     if not value.strip():
         return f"column {column!r} is empty"
     return None
+
+
+def columns_digest(data: dict[str, list[str]]) -> str:
+    """A digest of columns of texts, names and order included: equal data, equal digests.
+
+    Compares data across ranks or runs without sending the texts.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for column, texts in data.items():
+        digest.update(column.encode())
+        for text in texts:
+            digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    return digest.hexdigest()
 
 
 def rank_slice(batch: list[int], rank: int, world_size: int) -> list[int]:

@@ -113,6 +113,15 @@ def all_gather_objects(obj: object) -> list[object]:
     return out
 
 
+def first_error(error: str | None) -> str | None:
+    """The first error any rank reports (None when none does), on every rank; collective.
+
+    A failure seen by one rank (a write on rank 0, a missing file) must stop
+    every rank: the others would otherwise wait in their next collective.
+    """
+    return next((e for e in all_gather_objects(error) if e), None)
+
+
 def gather_rows(local: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Concatenate every rank's rows in rank order; ranks may hold different counts."""
     rank, size = world()

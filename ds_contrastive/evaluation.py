@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .data import DataError, rank_slice
-from .distributed import all_gather_objects
+from .data import DataError, columns_digest, rank_slice
+from .distributed import all_gather_objects, first_error
 
 if TYPE_CHECKING:
     from .engine import ContrastiveEngine
@@ -25,14 +24,6 @@ def eval_share(pairs: dict[str, list[str]], rank: int, world_size: int) -> tuple
                         f"{world_size} pairs, or set eval_pairs higher")
     rows = rank_slice(list(range(n)), rank, world_size)
     return pairs["anchor"][rows[0] : rows[-1] + 1], pairs["positive"][rows[0] : rows[-1] + 1]
-
-
-def pairs_digest(pairs: dict[str, list[str]]) -> str:
-    """Identifies the held-out set: a best value is only comparable with values on the same pairs."""
-    digest = hashlib.blake2b(digest_size=8)
-    for query, document in zip(pairs["anchor"], pairs["positive"]):
-        digest.update(query.encode("utf-8", "surrogatepass") + b"\0" + document.encode("utf-8", "surrogatepass") + b"\0")
-    return digest.hexdigest()
 
 
 class Evaluation:
@@ -53,7 +44,7 @@ class Evaluation:
                  best: dict[str, Any] | None = None) -> None:
         self.share = eval_share(pairs, rank, world_size)
         self.every, self.metric, self.rank = cfg.eval_every_steps, cfg.best_metric, rank
-        self.digest = pairs_digest(pairs)
+        self.digest = columns_digest(pairs)  # a best value is comparable only on the same pairs
         self.best_dir = Path(cfg.output_dir) / "best"
         self.best = best if best is not None and self._still_best(best) else None  # {"step", "metric", "value", ...}
 
@@ -89,7 +80,7 @@ class Evaluation:
                 replace_directory(new, self.best_dir)
             except OSError as e:
                 error = f"keeping the best model in {self.best_dir} failed: {e}"
-        error = all_gather_objects(error)[0]
+        error = first_error(error)
         if error:
             raise OSError(error)
 

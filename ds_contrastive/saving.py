@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .distributed import all_gather_objects
+from .distributed import first_error
 
 
 def save_consolidated(params: list[torch.nn.Parameter], zero3: bool, writer: bool, write: Callable[[], None],
@@ -31,9 +31,9 @@ def save_consolidated(params: list[torch.nn.Parameter], zero3: bool, writer: boo
                 write()
             except Exception as e:  # noqa: BLE001 - re-raised on every rank below
                 error = f"saving to {where} failed: {type(e).__name__}: {e}"
-    errors = [e for e in all_gather_objects(error) if e]
-    if errors:
-        raise OSError(errors[0])
+    error = first_error(error)
+    if error:
+        raise OSError(error)
 
 
 @contextlib.contextmanager

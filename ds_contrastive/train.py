@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import checkpoint
-from .data import DataError, GlobalBatches, load_pairs
+from .data import DataError, GlobalBatches, columns_digest, load_pairs
 from .distributed import (
     all_gather_objects,
     collective_failures,
@@ -155,16 +155,12 @@ def check_same_data(data: dict[str, list[str]]) -> str:
     A file that differs between nodes, or built-in pairs from different Python
     builds, would otherwise make ranks disagree on batches or hang at the end.
     """
-    digest = hashlib.blake2b(digest_size=16)
-    for column, texts in data.items():
-        digest.update(column.encode())
-        for text in texts:
-            digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
-    seen = all_gather_objects((len(next(iter(data.values()))), digest.hexdigest()))
+    digest = columns_digest(data)
+    seen = all_gather_objects((len(next(iter(data.values()))), digest))
     if len(set(seen)) > 1:
         rows = ", ".join(f"rank {r}: {n} rows" for r, (n, _) in enumerate(seen))
         raise ValueError(f"ranks read different training data ({rows}); give every rank the same files")
-    return digest.hexdigest()
+    return digest
 
 
 def build_loss(cfg: TrainConfig | ContrastiveArguments) -> InfoNCE | Matryoshka:
@@ -367,7 +363,7 @@ def _train(cfg: TrainConfig, ds_config_path: str) -> dict[str, Any]:
             tracker.log({f"eval/{k}": v for k, v in summary["after"].items()}, step)
         if step < total_steps and schedule.due(step):
             state = {"identity": identity, "data_position": data_position(batches, step),
-                     "wandb_run_id": tracker.run_id, "config": redacted(asdict(cfg)), "versions": versions(),
+                     "wandb_run_id": tracker.run_id, "config": run_config["train"], "versions": run_config["versions"],
                      "best_eval": evaluation.best if evaluation else None}
             engine.save_checkpoint(checkpoint_root(cfg), state, {"bad_rows": bad_rows}, cfg.keep_checkpoints)
     if progress is not None:

@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from ds_contrastive.data import DataError
-from ds_contrastive.evaluation import Evaluation, eval_share, pairs_digest, replace_directory
+from ds_contrastive.data import DataError, columns_digest
+from ds_contrastive.evaluation import Evaluation, eval_share, replace_directory
 from ds_contrastive.train_config import TrainConfig
 
 PAIRS = {"anchor": [f"q{i}" for i in range(13)], "positive": [f"d{i}" for i in range(13)]}
@@ -25,7 +25,7 @@ def test_shares_cover_the_pairs_once_in_rank_order():
 
 
 def best_record(**changes):
-    return {"step": 4, "metric": "ndcg@10", "value": 0.5, "metrics": {"ndcg@10": 0.5}, "pairs": pairs_digest(PAIRS),
+    return {"step": 4, "metric": "ndcg@10", "value": 0.5, "metrics": {"ndcg@10": 0.5}, "pairs": columns_digest(PAIRS),
             **changes}
 
 
