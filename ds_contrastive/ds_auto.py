@@ -15,14 +15,13 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .ds_config import ConfigError
+from .ds_config import BATCH_KEYS, ConfigError
 
 if TYPE_CHECKING:
     from .train_config import TrainConfig
 
-ENGINE_BATCH_KEYS = frozenset({"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"})
-# "auto" is DeepSpeed's own value there, not a placeholder
-DEEPSPEED_AUTO = frozenset({"pipeline.stages", "data_types.keep_in_fp32_modules"})
+# "auto" there is not ours to resolve: the engine sets the batch keys; the others are DeepSpeed's own value
+NOT_PLACEHOLDERS = frozenset({*BATCH_KEYS, "pipeline.stages", "data_types.keep_in_fp32_modules"})
 # numbers there must agree with the training config: DeepSpeed's would silently win over it
 TIED = frozenset({"optimizer.params.lr", "optimizer.params.weight_decay", "scheduler.params.warmup_max_lr",
                   "scheduler.params.warmup_num_steps", "scheduler.params.total_num_steps"})
@@ -129,7 +128,7 @@ def _auto_keys(config: dict[str, Any], prefix: str = "") -> list[str]:
         dotted = f"{prefix}{key}"
         if isinstance(value, dict):
             keys += _auto_keys(value, f"{dotted}.")
-        elif value == "auto" and dotted not in ENGINE_BATCH_KEYS | DEEPSPEED_AUTO:
+        elif value == "auto" and dotted not in NOT_PLACEHOLDERS:
             keys.append(dotted)
     return keys
 

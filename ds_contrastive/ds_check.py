@@ -15,16 +15,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .ds_auto import apply_values, auto_values
-from .ds_config import ConfigError, refuse_accumulation, resolve_ds_config
-from .ds_schema import check_ds_config
+from .ds_config import BATCH_KEYS, ConfigError, refuse_accumulation, resolve_ds_config, zero_stage
+from .ds_schema import MUP_OPTIMIZERS, check_ds_config
 
 if TYPE_CHECKING:
     from .train_config import TrainConfig
 
-BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 # optimizers DeepSpeed builds itself whose classes are not in ZERO_SUPPORTED_OPTIMIZERS
 # (engine._configure_basic_optimizer: lamb -> FusedLamb, mu* -> mup's classes)
-ZERO_UNTESTED = frozenset({"lamb", "muadam", "muadamw", "musgd"})
+ZERO_UNTESTED = MUP_OPTIMIZERS | {"lamb"}
 SCHEDULER_SUGGESTION = ('"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": '
                         '"auto", "warmup_num_steps": "auto", "total_num_steps": "auto", "warmup_type": "linear"}}')
 
@@ -89,7 +88,7 @@ def check_batch_keys(config: dict[str, Any], global_batch_size: int, world_size:
 def check_zero_optimizer(config: dict[str, Any], source: str | Path) -> None:
     """The ZeRO stage, offload and optimizer combinations DeepSpeed refuses at initialize, or runs otherwise than set."""
     zero = config.get("zero_optimization", {})
-    stage = zero.get("stage", 0)
+    stage = zero_stage(config)
     offload_optimizer, offload_param = _offloads(zero, "offload_optimizer"), _offloads(zero, "offload_param")
     if offload_param and stage != 3:
         raise ConfigError(f"{source}: zero_optimization.offload_param needs ZeRO stage 3 (stage {stage} does not "

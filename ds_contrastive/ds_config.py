@@ -9,6 +9,7 @@ exactly are refused with a message that says why.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,16 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A configuration that ds_contrastive refuses to run, with the reason."""
+
+
+# DeepSpeed's batch keys: the engine sets them (one micro-batch per rank, one accumulation step)
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def did_you_mean(key: str, candidates: Any) -> str:
+    """' (did you mean 'x'?)' for the closest candidate, or ''."""
+    close = difflib.get_close_matches(key, sorted(candidates), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def load_ds_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,6 @@ reader, constants and pydantic models) up front and names the file and key.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import importlib.util
 import inspect
@@ -19,13 +18,12 @@ from typing import Any
 import pydantic
 import torch
 
-from .ds_config import ConfigError
+from .ds_config import BATCH_KEYS, ConfigError, did_you_mean
 
 # read by deepspeed.initialize, outside the DeepSpeedConfig reader whose lookups are recorded
 LAUNCH_KEYS = frozenset({"sequence_parallel_size", "data_parallel_size"})
 # top-level scalars the HF Trainer integration lets a config leave "auto"
-HF_AUTO_SCALARS = frozenset({"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                             "gradient_clipping"})
+HF_AUTO_SCALARS = frozenset({*BATCH_KEYS, "gradient_clipping"})
 MUP_OPTIMIZERS = frozenset({"muadam", "muadamw", "musgd"})
 
 
@@ -47,12 +45,6 @@ def check_ds_config(config: dict[str, Any], source: str | Path) -> None:
     _check_optimizer_section(config.get("optimizer"), source)
     _check_scheduler_section(config.get("scheduler"), source)
     _deepspeed_accepts(config, source)
-
-
-def did_you_mean(key: str, candidates: Any) -> str:
-    """' (did you mean 'x'?)' for the closest candidate, or ''."""
-    close = difflib.get_close_matches(key, sorted(candidates), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 @functools.cache

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import math
 import re
@@ -21,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from .ds_config import ConfigError
+from .ds_config import ConfigError, did_you_mean
 
 BUILTIN_MODEL = "builtin:all-MiniLM-L6-v2"
 BUILTIN_DATA = "builtin:stdlib"
@@ -147,9 +146,7 @@ def check_dataset_entry(index: int, entry: Any) -> None:
         raise ConfigError(f"{where} has no 'path'")
     for key, value in entry.items():
         if key not in DATASET_KEYS:
-            close = difflib.get_close_matches(key, DATASET_KEYS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+            raise ConfigError(f"{where}: unknown key {key!r}{did_you_mean(key, DATASET_KEYS)}")
         want = DATASET_KEYS[key]
         ok = isinstance(value, want) and not isinstance(value, bool)
         if want is float:
@@ -217,9 +214,7 @@ def load_train_config(path: str | Path | None, overrides: dict[str, Any]) -> Tra
     hints = _field_types()
     for key in values:
         if key not in hints:
-            close = difflib.get_close_matches(key, hints, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown training config key {key!r}{hint}")
+            raise ConfigError(f"unknown training config key {key!r}{did_you_mean(key, hints)}")
     config = TrainConfig(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
     config.check()
     return config
