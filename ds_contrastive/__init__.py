@@ -1,6 +1,7 @@
 """ds_contrastive: exact very-large-batch contrastive training of text embedders on DeepSpeed."""
 
 from .batch import BatchError
+from .chunking import ChunkCosts
 from .ds_config import ConfigError
 from .engine import ContrastiveEngine, NonFiniteLoss
 from .guide import Guide
@@ -9,7 +10,7 @@ from .losses import InfoNCE
 from .matryoshka import Matryoshka
 from .prefetch import prefetched
 
-__all__ = ["BatchError", "ConfigError", "ContrastiveEngine", "ContrastiveTrainer", "Guide", "GuidedInfoNCE", "InfoNCE",
+__all__ = ["BatchError", "ChunkCosts", "ConfigError", "ContrastiveEngine", "ContrastiveTrainer", "Guide", "GuidedInfoNCE", "InfoNCE",
            "Matryoshka", "NonFiniteLoss", "prefetched"]
 
 

@@ -48,11 +48,15 @@ class Backend(Protocol):
 
     ``last_forward_reduces``: the wrapper decides at forward time whether a
     backward reduces gradients (DDP), so the last chunk of pass 2 must be a
-    fresh forward, never a graph kept from pass 1.
+    fresh forward, never a graph kept from pass 1. ``module`` is the wrapped
+    model itself and ``wrapper`` names what wraps it: a forward call's cost
+    depends on both (:mod:`~ds_contrastive.calibration` measures it).
     """
 
     device: torch.device
     last_forward_reduces: bool
+    module: torch.nn.Module
+    wrapper: str
 
     def forward(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
@@ -71,6 +75,8 @@ class DeepSpeedBackend:
         self.unpack = unpack
         self.device = engine.device
         self.last_forward_reduces = False
+        self.module = engine.module
+        self.wrapper = f"deepspeed-zero{engine.zero_optimization_stage()}"
         # The coalesced reduction needs a ZeRO 1/2/3 optimizer; ZeRO-0 and the
         # bf16 optimizer wrapper use the accumulation-boundary API instead.
         self.coalesce = engine.zero_optimization_stage() in (1, 2, 3) and hasattr(
@@ -107,6 +113,8 @@ class TorchBackend:
         self.device = device
         self.ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
         self.last_forward_reduces = self.ddp
+        self.module = model.module if self.ddp else model
+        self.wrapper = "ddp" if self.ddp else "plain"
 
     def forward(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.unpack(self.model(features))

@@ -18,11 +18,16 @@ to reach it: :func:`balance_chunk_count`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
+
+PLANNERS = ("fastest", "fill")
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,33 @@ class ChunkCosts:
     def of(self, rows: int, length: int) -> float:
         """Seconds of one chunk."""
         return self.call + rows * float(self.per_row(length))
+
+
+def check_planning(planner: str, chunk_costs: ChunkCosts | Sequence[float] | None, retain_tokens: int | str,
+                   retain_memory_fraction: float, retain_memory_gb: float | None) -> None:
+    """Refuse planner and kept-graph settings that cannot work, naming the setting (ValueError).
+
+    The one check behind ``CachedStep``, the training config and ``launch/train_hf.py``.
+    """
+    if planner not in PLANNERS:
+        raise ValueError(f"planner must be one of {', '.join(PLANNERS)}, got {planner!r}")
+    if chunk_costs is not None and not isinstance(chunk_costs, ChunkCosts):
+        if len(chunk_costs) != 3:
+            raise ValueError(f"chunk_costs takes three numbers (call, token, attention seconds), got {chunk_costs}")
+        ChunkCosts(*chunk_costs)
+    if retain_tokens != "auto" and not (isinstance(retain_tokens, int) and retain_tokens >= 0):
+        raise ValueError(f"retain_tokens must be 'auto' or an integer >= 0, got {retain_tokens!r}")
+    if not 0 < retain_memory_fraction <= 1:
+        raise ValueError(f"retain_memory_fraction must be in (0, 1], got {retain_memory_fraction}")
+    if retain_memory_gb is not None and not retain_memory_gb >= 0:
+        raise ValueError(f"retain_memory_gb must be >= 0 or None, got {retain_memory_gb}")
+
+
+def parse_retain(value: int | str) -> int | str:
+    """``retain_tokens`` from a config or command line: ``"auto"`` or a whole number of padded tokens."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return value
 
 
 def check_limits(token_budget: int | None, max_rows: int | None) -> None:
@@ -182,7 +214,8 @@ def best_split(rows: tuple[int, ...], lengths: np.ndarray, costs: ChunkCosts) ->
     row_lengths = lengths[np.asarray(rows)]
     tail = np.arange(len(rows) - 1, 0, -1)  # rows after a cut at m = 1 .. r-1
     saved = tail * (costs.per_row(row_lengths[0]) - costs.per_row(row_lengths[1:]))
-    m = int(np.argmax(saved))
+    best = np.flatnonzero(saved >= saved.max())  # among equal savings, the cut nearest the middle
+    m = int(best[np.argmin(np.abs(best + 1 - len(rows) / 2))])
     return costs.call - float(saved[m]), m + 1
 
 
@@ -229,6 +262,14 @@ def _split_cheapest(plan: ChunkPlan, count: int, lengths: np.ndarray, costs: Chu
     chunks = [Chunk(pieces[k]) for k in sorted(pieces)]
     dummies = [Chunk((chunks[0].indices[0],), dummy=True)] * (count - len(chunks))
     return ChunkPlan(chunks + dummies)
+
+
+@contextlib.contextmanager
+def forked_rng(device: torch.device) -> Iterator[None]:
+    """Torch's CPU generator (and ``device``'s, on a GPU) restored on exit: draws inside leave no trace."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        yield
 
 
 def chunk_seed(seed: int, step: int, rank: int, chunk: int) -> int:

@@ -9,6 +9,7 @@ the step and why it is exact), then one ``engine.step()``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -20,7 +21,7 @@ import torch
 from . import checkpoint
 from .backends import DeepSpeedBackend
 from .batch import tokenizer_settings
-from .chunking import ChunkPlan
+from .chunking import ChunkCosts, ChunkPlan
 from .distributed import init_process_group, world
 from .ds_config import load_ds_config, precision, resolve_ds_config, zero_stage
 from .losses import InfoNCE
@@ -58,7 +59,9 @@ class ContrastiveEngine:
             outside DeepSpeed) or :class:`~ds_contrastive.Matryoshka` of either.
         ds_config: DeepSpeed config path or dict. Its batch-size keys are
             fixed by the engine (see :func:`~ds_contrastive.ds_config.resolve_ds_config`).
-        chunk_tokens: padded-token budget of one encoder forward call.
+        chunk_tokens: the most padded tokens one encoder forward call may
+            hold (a memory cap: the planner cuts chunks where the measured time
+            is least, within it).
         chunk_rows: most sequences in one forward call (``None``: no limit).
         optimizer: a callable from parameter groups to a torch optimizer; by
             default AdamW(lr, weight_decay), unless the DeepSpeed config has an
@@ -69,9 +72,14 @@ class ContrastiveEngine:
             roles; every other column is a hard-negative column.
         seed: base of the per-chunk dropout seeds.
         max_length: truncation length (default: the model's ``max_seq_length``).
-        retain_tokens: padded tokens per rank whose pass-1 graphs pass 2
-            reuses instead of re-running their forward (exact; costs their
-            activation memory). See :class:`~ds_contrastive.step.CachedStep`.
+        retain_tokens: pass-1 graphs pass 2 reuses instead of re-running
+            their forward (exact; costs their activation memory): ``"auto"``
+            keeps as many as fit ``retain_memory_fraction`` of the free memory
+            (or ``retain_memory_gb``), a number that many padded tokens' worth.
+        planner, chunk_costs: ``"fastest"`` (the chunk cuts that minimise the
+            time measured on this machine, or modelled by fixed ``chunk_costs``)
+            or ``"fill"`` (fill every chunk to ``chunk_tokens``, as earlier
+            versions did). See :class:`~ds_contrastive.step.CachedStep`.
         max_nonfinite_steps: a step whose loss or embedding gradient is not
             finite on some rank is skipped on every rank (no update, the LR
             schedule does not advance, the batch is consumed) and counted;
@@ -93,8 +101,12 @@ class ContrastiveEngine:
         positive_column: str = "positive",
         seed: int = 0,
         max_length: int | None = None,
-        retain_tokens: int = 0,
+        retain_tokens: int | str = "auto",
         max_nonfinite_steps: int = 10,
+        planner: str = "fastest",
+        chunk_costs: ChunkCosts | None = None,
+        retain_memory_fraction: float = 0.5,
+        retain_memory_gb: float | None = None,
     ) -> None:
         import deepspeed
 
@@ -104,7 +116,9 @@ class ContrastiveEngine:
         self.config = resolve_ds_config(load_ds_config(ds_config), self.world_size)
         max_length, lowercase = tokenizer_settings(model, max_length)
         self.step = CachedStep(self.loss, model.tokenizer, max_length, lowercase, chunk_tokens, chunk_rows,
-                               anchor_column, positive_column, seed, retain_tokens)
+                               anchor_column, positive_column, seed, retain_tokens, planner=planner,
+                               chunk_costs=chunk_costs, retain_memory_fraction=retain_memory_fraction,
+                               retain_memory_gb=retain_memory_gb)
 
         check_dims(model, self.loss)
         log_scale = self.loss.initial_log_scale() if self.loss.learnable_temperature else None
@@ -132,6 +146,7 @@ class ContrastiveEngine:
             self.guide.to(self.device)
         if max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
+        self.step.calibrate(self.backend)  # before any prepare(): the prefetch thread plans with these costs
         self.max_nonfinite_steps = max_nonfinite_steps
         self.global_step = 0
         self.skipped_steps = 0  # steps skipped for a non-finite loss, in all
@@ -217,8 +232,10 @@ class ContrastiveEngine:
         A kill at any moment leaves the previous checkpoint loadable (see
         :mod:`ds_contrastive.checkpoint`). Collective: every rank calls it.
         """
+        costs = self.step.chunk_costs
         own = {"global_step": self.global_step, "skipped_steps": self.skipped_steps,
-               "consecutive_skips": self.consecutive_skips, "truncated_texts": self.truncated_texts}
+               "consecutive_skips": self.consecutive_skips, "truncated_texts": self.truncated_texts,
+               "chunk_costs": dataclasses.asdict(costs) if costs else None}
         return checkpoint.save(self.engine, root, self.global_step, {"engine": own, "run": state or {}},
                                rank_state or {}, keep)
 
@@ -226,14 +243,34 @@ class ContrastiveEngine:
         """Continue from checkpoint ``path``: returns the caller's (``state``, ``rank_state``) saved with it.
 
         Call it on a freshly built engine (same model, loss, optimizer,
-        scheduler, DeepSpeed config and world size) before any step. Files
-        are read with ``torch.load(weights_only=True)``. Collective.
+        scheduler, DeepSpeed config and world size) before any step or
+        :meth:`prepare`. The chunk planner continues with the costs the run
+        planned with (the plan sets the dropout seeds, so a resumed run draws
+        the same masks whatever this machine measures now). Files are read
+        with ``torch.load(weights_only=True)``. Collective.
         """
+        costs = self._planned_costs(path) if self.step.planner == "fastest" else None  # refused before loading
         state, mine = checkpoint.load(self.engine, path)
         own = state["engine"]
         self.global_step, self.skipped_steps = own["global_step"], own["skipped_steps"]
         self.consecutive_skips, self.truncated_texts = own["consecutive_skips"], own["truncated_texts"]
+        if costs is not None:
+            self.step.chunk_costs = costs
         return state["run"], mine
+
+    def _planned_costs(self, path: str | Path) -> ChunkCosts:
+        """The costs a resumed run plans with: those it planned with before, whatever this machine measures."""
+        saved = checkpoint.read_state(path)["engine"].get("chunk_costs")
+        if saved is None:
+            raise ValueError(f"checkpoint {path} was written by a run whose chunks were not planned by measured "
+                             "costs (an earlier version's fill-to-budget plans): resume it with planner='fill' "
+                             "and the same chunk_tokens")
+        costs = ChunkCosts(**saved)
+        if self.rank == 0 and costs != self.step.chunk_costs:
+            print(f"ds_contrastive: planning with the checkpoint's chunk costs {costs} (this run had "
+                  f"{self.step.chunk_costs}), so that the resumed run draws the same chunks and dropout masks",
+                  flush=True)
+        return costs
 
     # --- saving ---------------------------------------------------------------------
 

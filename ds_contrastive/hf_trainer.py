@@ -36,6 +36,7 @@ from transformers import Trainer
 from .backends import Backend, DeepSpeedBackend, TorchBackend, sentence_embedding
 from .batch import tokenizer_settings
 from .checkpoint import weights_only_loads
+from .chunking import ChunkCosts
 from .losses import InfoNCE
 from .matryoshka import Matryoshka
 from .saving import save_consolidated
@@ -110,19 +111,24 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
             (use bf16).
         loss: :class:`~ds_contrastive.InfoNCE`, :class:`~ds_contrastive.GuidedInfoNCE`
             or :class:`~ds_contrastive.Matryoshka` of either; fixed temperature.
-        chunk_tokens, chunk_rows: padded-token budget and row limit of one
-            encoder forward call (memory is set by these, not by the batch).
+        chunk_tokens, chunk_rows: the most padded tokens and rows of one
+            encoder forward call (memory caps: memory is set by these, not by
+            the batch; within them the planner cuts where the time is least).
         max_length: truncation (default: the model's ``max_seq_length``).
-        retain_tokens: padded tokens per rank whose pass-1 graphs pass 2
-            reuses instead of re-running their forward (exact; costs their
-            activation memory; see :class:`~ds_contrastive.step.CachedStep`).
+        retain_tokens, retain_memory_fraction, retain_memory_gb: pass-1 graphs
+            pass 2 reuses instead of re-running their forward (exact; costs
+            their activation memory): ``"auto"`` keeps what fits the budget.
+        planner, chunk_costs: how chunks are cut (``"fastest"`` by the time
+            measured on this machine or the given costs, ``"fill"`` as earlier
+            versions). See :class:`~ds_contrastive.step.CachedStep` for all five.
         Every other keyword goes to ``SentenceTransformerTrainer``.
     """
 
     def __init__(self, model: SentenceTransformer, args: SentenceTransformerTrainingArguments | None = None,
                  train_dataset: Any = None, eval_dataset: Any = None, loss: InfoNCE | Matryoshka | None = None,
                  chunk_tokens: int | None = 16384, chunk_rows: int | None = None, max_length: int | None = None,
-                 retain_tokens: int = 0, **kwargs: Any) -> None:
+                 retain_tokens: int | str = "auto", planner: str = "fastest", chunk_costs: ChunkCosts | None = None,
+                 retain_memory_fraction: float = 0.5, retain_memory_gb: float | None = None, **kwargs: Any) -> None:
         objective = loss or InfoNCE()
         if objective.learnable_temperature:
             raise ValueError(
@@ -149,7 +155,9 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
         anchor, positive = columns[0][:2] if columns else ("anchor", "positive")
         length, lowercase = tokenizer_settings(model, max_length)
         self.cached_step = CachedStep(objective, model.tokenizer, length, lowercase, chunk_tokens, chunk_rows,
-                                      anchor, positive, self.args.seed, retain_tokens)
+                                      anchor, positive, self.args.seed, retain_tokens, planner=planner,
+                                      chunk_costs=chunk_costs, retain_memory_fraction=retain_memory_fraction,
+                                      retain_memory_gb=retain_memory_gb)
         if self.cached_step.guide is not None:
             self.cached_step.guide.to(self.args.device)
         self.deepspeed_grad_norm: float | None = None

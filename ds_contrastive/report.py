@@ -42,7 +42,7 @@ MAIN_METRICS = ("train/loss", "train/accuracy", "train/grad_norm", "train/lr", "
 TRAIN_SETTINGS = ("model", "train_data", "datasets", "streaming", "global_batch_size", "epochs", "max_steps", "lr",
                   "warmup_ratio", "temperature", "learnable_temperature", "directions", "partition", "similarity",
                   "mask_duplicates", "guide", "margin_strategy", "margin", "matryoshka_dims", "precision",
-                  "max_length", "chunk_tokens", "seed")
+                  "max_length", "chunk_tokens", "planner", "retain_tokens", "seed")
 DEEPSPEED_SETTINGS = (("zero_optimization", "stage"), ("bf16", "enabled"), ("fp16", "enabled"),
                       ("gradient_clipping",))
 # perf/time_* phases in the order a step runs them (the stack's bottom first); unknown phases go on top.

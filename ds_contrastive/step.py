@@ -4,8 +4,10 @@ One call of :meth:`CachedStep.forward_backward` on every rank computes, on
 each rank, the gradient of the mean loss of the *global* batch (every rank's
 shard) and leaves it, reduced once, wherever the backend keeps gradients:
 
-1. validate and tokenize this rank's raw strings; plan length-sorted chunks;
-   agree with the other ranks on errors, shard sizes and the chunk count;
+1. validate and tokenize this rank's raw strings; plan length-sorted chunks
+   that minimise the measured time of the two passes (:mod:`.chunking`,
+   :mod:`.calibration`); agree with the other ranks on errors, shard sizes
+   and the chunk count;
 2. pass 1: embed every chunk without grad, each under its own RNG seed;
 3. gather every rank's embeddings and text hashes (and the guide's embeddings);
 4. the loss of this rank's anchor rows against all global candidates (tiled),
@@ -28,6 +30,7 @@ over the W ranks, so every rank ends with dL/dtheta.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import resource
@@ -36,11 +39,14 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .backends import Backend
 from .batch import BatchError, Shard, Tokenized, text_hashes, to_device, tokenize, validate_shard
-from .chunking import ChunkPlan, balance_chunk_count, chunk_seed, plan_chunks
+from .calibration import Calibration, calibrate, retain_budget_bytes
+from .chunking import (ChunkCosts, ChunkPlan, balance_chunk_count, check_limits, check_planning, chunk_seed,
+                       forked_rng, plan_chunks)
 from .distributed import all_gather_objects, gather_rows, min_over_ranks, sum_scalars, sum_to_owners, world
 from .losses import InfoNCE, LossResult
 from .matryoshka import Matryoshka
@@ -143,59 +149,129 @@ class CachedStep:
             or :class:`~ds_contrastive.Matryoshka` of either.
         tokenizer, max_length, lowercase: how raw strings become ids (the
             model's own tokenizer and settings).
-        chunk_tokens, chunk_rows: padded-token budget and row limit of one forward call.
+        chunk_tokens, chunk_rows: the most padded tokens and rows one forward
+            call may hold: memory caps, not targets.
         anchor_column, positive_column: the batch's columns of those roles;
             every other column is a hard-negative column.
         seed: base of the per-chunk dropout seeds.
-        retain_tokens: padded tokens per rank whose pass-1 autograd graphs are
-            kept for pass 2, which then back-propagates them instead of
-            re-running their forward. The first chunks are kept (they hold the
-            longest sequences) while their padded tokens fit the budget; every
+        retain_tokens: pass-1 autograd graphs kept for pass 2, which then
+            back-propagates them instead of re-running their forward. ``"auto"``
+            keeps as many as fit the memory budget below, by the activation
+            memory the calibration measured; a number keeps chunks while their
+            padded tokens fit it; 0 re-runs every chunk (GradCache's profile).
+            The first chunks are kept (they hold the longest sequences); every
             rank keeps as many as the rank that can keep fewest. Exact: the kept
             graph is the very forward a re-run would repeat. It costs the
-            activation memory of those chunks (roughly layers x hidden x 34
-            bytes per token in bf16, plus the attention maps) held through the
-            gather and the loss. Under ZeRO-3 a kept chunk's backward also holds
-            the whole model's parameters gathered until it ends (DeepSpeed frees
-            a module's parameters after backward by a counter that every later
-            forward resets). 0 re-runs every chunk (the GradCache default).
+            activation memory of those chunks held through the gather and the
+            loss. Under ZeRO-3 a kept chunk's backward also holds the whole
+            model's parameters gathered until it ends (DeepSpeed frees a
+            module's parameters after backward by a counter that every later
+            forward resets).
+        planner: ``"fastest"`` cuts the length-sorted sequences where the
+            modelled time of the two passes is least
+            (:func:`~ds_contrastive.chunking.plan_fastest`); ``"fill"`` fills
+            every chunk up to ``chunk_tokens`` (the rule of earlier versions,
+            to reproduce their runs).
+        chunk_costs: the planner's time model; None measures it on this
+            machine (:func:`~ds_contrastive.calibration.calibrate`, cached).
+            Fixed costs make the plan, and so the dropout seeds, independent
+            of the machine's timings.
+        retain_memory_fraction, retain_memory_gb: the budget of
+            ``retain_tokens="auto"``: this many GiB per rank, or by default this
+            fraction of the memory free at the step's start (GPU: the device's;
+            CPU: the system's available memory shared by the machine's ranks),
+            less a reserve for pass 2 (two of the largest chunk's activations and
+            one copy of the parameters).
     """
 
     def __init__(self, loss: InfoNCE | Matryoshka, tokenizer: object, max_length: int, lowercase: bool,
                  chunk_tokens: int | None, chunk_rows: int | None, anchor_column: str, positive_column: str,
-                 seed: int, retain_tokens: int = 0) -> None:
-        plan_chunks([1], chunk_tokens, chunk_rows)  # validates the budget values before any work
-        if retain_tokens < 0:
-            raise ValueError(f"retain_tokens must be >= 0, got {retain_tokens}")
+                 seed: int, retain_tokens: int | str = "auto", *, planner: str = "fastest",
+                 chunk_costs: ChunkCosts | None = None, retain_memory_fraction: float = 0.5,
+                 retain_memory_gb: float | None = None) -> None:
+        check_limits(chunk_tokens, chunk_rows)
+        check_planning(planner, chunk_costs, retain_tokens, retain_memory_fraction, retain_memory_gb)
         self.loss = loss
         self.tokenizer, self.max_length, self.lowercase = tokenizer, max_length, lowercase
         self.chunk_tokens, self.chunk_rows = chunk_tokens, chunk_rows
         self.anchor_column, self.positive_column = anchor_column, positive_column
         self.seed = seed
         self.retain_tokens = retain_tokens
+        self.retain_memory_fraction, self.retain_memory_gb = retain_memory_fraction, retain_memory_gb
+        self.planner = planner
+        self.chunk_costs = chunk_costs  # given, or measured by calibrate()
+        self.calibration: Calibration | None = None
         # A fast tokenizer is not reentrant (truncation settings live in it): one prepare at a time.
         self._tokenizing = threading.Lock()
         # A guided loss's guide stays outside every wrapper: never partitioned, never trained.
         self.guide = getattr(loss, "guide_model", None)
 
+    @property
+    def costs(self) -> ChunkCosts | None:
+        """The time model the planner uses (None: the ``fill`` planner, which needs none)."""
+        if self.planner == "fill":
+            return None
+        if self.chunk_costs is None:
+            raise RuntimeError("the chunk planner's costs are not measured yet: call calibrate(backend) first "
+                               "(ContrastiveEngine does when it is built; a step on a raw batch does it itself)")
+        return self.chunk_costs
+
+    def needs_calibration(self) -> bool:
+        """Whether :meth:`calibrate` still has something to measure."""
+        wanted = (self.planner == "fastest" and self.chunk_costs is None) or self.retain_tokens == "auto"
+        return wanted and self.calibration is None
+
+    def calibrate(self, backend: Backend) -> None:
+        """Measure (or read from the cache) what the planner and ``retain_tokens="auto"`` need; collective.
+
+        Every rank must call it, before the first :meth:`prepare` of a batch
+        planned by ``"fastest"``. Costs given as ``chunk_costs`` are kept.
+        """
+        if not self.needs_calibration():
+            return
+        with self._tokenizing:
+            sample = self.tokenizer(CALIBRATION_TEXT, truncation=True, max_length=self.max_length)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.calibration = calibrate(backend, sample["input_ids"], self.max_length, self.chunk_tokens,
+                                     self.chunk_rows, pad_id, "token_type_ids" in sample)
+        if self.chunk_costs is None:
+            self.chunk_costs = self.calibration.costs
+
     def prepare(self, batch: Mapping[str, list[str]]) -> Prepared:
         """Validate, tokenize and plan this rank's shard; local only, safe in a background thread."""
         shard, tokens, plan, hashes, error, digest = None, None, None, None, None, ""
+        costs = self.costs  # outside the try: a missing calibration is the caller's error, not the batch's
         try:
             shard = validate_shard(batch, self.anchor_column, self.positive_column)
             with self._tokenizing:
                 tokens = tokenize(self.tokenizer, shard.flat(), self.max_length, self.lowercase)
-            plan = plan_chunks(tokens.lengths, self.chunk_tokens, self.chunk_rows)
+            plan = plan_chunks(tokens.lengths, self.chunk_tokens, self.chunk_rows, costs)
             hashes = by_row(text_hashes(shard.flat()), shard.rows)
             digest = shard_digest(hashes)
         except Exception as e:  # noqa: BLE001 - agreed on and raised on every rank in _agree
             error = str(e) if isinstance(e, BatchError) else f"{type(e).__name__}: {e}"
         return Prepared(shard, tokens, plan, hashes, error, self._settings(), digest)
 
+    def replan(self, prepared: Prepared) -> Prepared:
+        """A batch prepared elsewhere (another process, before this step's calibration) planned as this step plans.
+
+        The tokens, hashes and digest stay; only the plan (and the settings it
+        is checked against) change. The tokenizer settings must be this step's.
+        """
+        if prepared.settings[:TOKENIZATION_SETTINGS] != self._settings()[:TOKENIZATION_SETTINGS]:
+            raise ValueError("replan keeps the tokens: the batch must be tokenized with this step's tokenizer, "
+                             "max_length, lowercasing, limits and columns")
+        plan = plan_chunks(prepared.tokens.lengths, self.chunk_tokens, self.chunk_rows, self.costs)
+        return dataclasses.replace(prepared, plan=plan, settings=self._settings())
+
     def _settings(self) -> tuple:
-        """What a prepared batch depends on: a batch prepared under other settings is refused."""
+        """What a prepared batch depends on: a batch prepared under other settings is refused.
+
+        The first TOKENIZATION_SETTINGS say how its texts became tokens, the rest how they were planned.
+        """
         return (type(self.tokenizer).__name__, len(self.tokenizer), self.max_length, self.lowercase,
-                self.chunk_tokens, self.chunk_rows, self.anchor_column, self.positive_column)
+                self.chunk_tokens, self.chunk_rows, self.anchor_column, self.positive_column, self.planner,
+                self.chunk_costs if self.planner == "fastest" else None)
 
     def forward_backward(self, batch: Mapping[str, list[str]] | Prepared, backend: Backend, step: int
                          ) -> StepOutput:
@@ -223,6 +299,7 @@ class CachedStep:
         ZeRO-3 ranks run the same number of forwards); nothing is kept for a
         backward. The caller chooses the module's mode (eval: no dropout).
         """
+        self.calibrate(backend)
         prepared = self.prepare(batch)
         plan, counts, _ = self._agree(prepared)
         chunks = Chunks(plan, prepared.tokens, backend.device)
@@ -233,6 +310,7 @@ class CachedStep:
              ) -> StepOutput:
         rank = world()[0]
         t0 = time.perf_counter()
+        self.calibrate(backend)  # collective, once; a Prepared batch was planned after the engine's
         prepared = batch if isinstance(batch, Prepared) else self.prepare(batch)
         plan, counts, digest = self._agree(prepared)
         shard, tokens = prepared.shard, prepared.tokens
@@ -301,7 +379,8 @@ class CachedStep:
             raise BatchError(f"bad batch: ranks have different columns ({found})")
         counts = [i["rows"] for i in infos]
         digest = hashlib.blake2b("".join(i["digest"] for i in infos).encode(), digest_size=8).hexdigest()
-        return balance_chunk_count(prepared.plan, max(i["chunks"] for i in infos)), counts, digest
+        count = max(i["chunks"] for i in infos)
+        return balance_chunk_count(prepared.plan, count, prepared.tokens.lengths, self.costs), counts, digest
 
     def _kept_count(self, chunks: Chunks, backend: Backend) -> int:
         """How many leading chunks keep their pass-1 graph: the same count on every rank.
@@ -313,11 +392,16 @@ class CachedStep:
         """
         if self.retain_tokens == 0:  # the same on every rank (agreed in _agree)
             return 0
-        budget, kept = self.retain_tokens, 0
-        for cost in chunks.sizes:
-            if cost > budget:
-                break
-            budget, kept = budget - cost, kept + 1
+        if self.retain_tokens == "auto":
+            budget = retain_budget_bytes(backend.device, self.retain_memory_fraction, self.retain_memory_gb)
+            memory = [self.calibration.graph_bytes(rows, length) for rows, length in chunks.shapes]
+            kept = kept_within(memory, budget - parameter_bytes(backend.module))
+        else:
+            budget, kept = self.retain_tokens, 0
+            for cost in chunks.sizes:
+                if cost > budget:
+                    break
+                budget, kept = budget - cost, kept + 1
         if backend.last_forward_reduces:
             kept = min(kept, len(chunks) - 1)
         return min_over_ranks(kept, backend.device)
@@ -326,8 +410,7 @@ class CachedStep:
     def _seeded(self, device: torch.device, step: int, chunk: int) -> Iterator[None]:
         """Run one chunk's forward under its own seed; the global RNG stream is left as it was."""
         seed = chunk_seed(self.seed, step, world()[0], chunk)
-        devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, device_type=device.type):
+        with forked_rng(device):
             torch.default_generator.manual_seed(seed)
             if device.type == "cuda":
                 torch.cuda.manual_seed(seed)  # this rank's device only; fork_rng restores it
@@ -374,12 +457,37 @@ class CachedStep:
 
 
 Embedded = tuple[torch.Tensor, torch.Tensor | None]
+TOKENIZATION_SETTINGS = 8  # the leading entries of CachedStep._settings() that the tokens depend on
+# A real sentence, tokenized by the model's own tokenizer, whose ids (repeated) make the probe's sequences.
+CALIBRATION_TEXT = ("The quick brown fox jumps over the lazy dog, then measures how long an encoder takes to embed "
+                    "sequences of many lengths on this machine.")
 
 
-def padded_sizes(plan: ChunkPlan, tokens: Tokenized) -> list[int]:
-    """Padded tokens (rows x longest) of each chunk of the plan."""
+BACKWARD_SHARE = 0.25  # of the largest kept graph: the working memory of its backward (gradients, layer by layer)
+
+
+def kept_within(memory: list[float], budget: float) -> int:
+    """How many leading chunks of activation sizes ``memory`` can keep their graphs within ``budget`` bytes.
+
+    While ``k`` graphs are kept, pass 2 also re-runs the largest of the other
+    chunks (its whole graph) and back-propagates through the kept ones (a
+    share of the largest): k fits when the kept graphs plus both fit.
+    """
+    kept_bytes = np.cumsum([0.0, *memory])
+    rerun = np.maximum.accumulate([0.0, *memory[::-1]])[::-1]  # rerun[k]: the largest of memory[k:]
+    fits = kept_bytes + rerun + BACKWARD_SHARE * (memory[0] if memory else 0.0) <= budget
+    return int(np.flatnonzero(fits)[-1]) if fits.any() else 0  # keeping none is the plain step
+
+
+def parameter_bytes(module: torch.nn.Module) -> int:
+    """Bytes of one full copy of the module's trainable parameters (ZeRO-3: of the unpartitioned ones)."""
+    return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in module.parameters() if p.requires_grad)
+
+
+def chunk_shapes(plan: ChunkPlan, tokens: Tokenized) -> list[tuple[int, int]]:
+    """(rows, longest length) of each chunk of the plan."""
     lengths = tokens.lengths
-    return [len(c.indices) * max(lengths[i] for i in c.indices) for c in plan.chunks]
+    return [(len(c.indices), max(lengths[i] for i in c.indices)) for c in plan.chunks]
 
 
 class Chunks:
@@ -401,7 +509,8 @@ class Chunks:
         self._padded: dict[int, dict[str, torch.Tensor]] = {}
         real = [c for c in plan.chunks if not c.dummy]
         self._order = torch.tensor([i for c in real for i in c.indices], dtype=torch.long).to(device)
-        self.sizes = padded_sizes(plan, tokens)
+        self.shapes = chunk_shapes(plan, tokens)
+        self.sizes = [rows * length for rows, length in self.shapes]  # padded tokens
         self.padded_tokens = float(sum(s for s, c in zip(self.sizes, plan.chunks) if not c.dummy))
         self.real_tokens = float(sum(tokens.lengths))
 

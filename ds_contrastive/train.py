@@ -16,6 +16,7 @@ import torch
 
 from . import checkpoint
 from .data import DataError, GlobalBatches, columns_digest, load_pairs
+from .chunking import ChunkCosts
 from .distributed import (
     all_gather_objects,
     collective_failures,
@@ -184,6 +185,14 @@ def build_loss(cfg: TrainConfig | ContrastiveArguments) -> InfoNCE | Matryoshka:
     return loss
 
 
+def step_options(cfg: TrainConfig | ContrastiveArguments) -> dict[str, Any]:
+    """The cached step's chunking, planning and graph-keeping options, as the engine and the Trainer take them."""
+    return {"chunk_tokens": cfg.chunk_tokens, "chunk_rows": cfg.chunk_rows, "max_length": cfg.max_length,
+            "planner": cfg.planner, "chunk_costs": ChunkCosts(*cfg.chunk_costs) if cfg.chunk_costs else None,
+            "retain_tokens": cfg.retain_tokens, "retain_memory_fraction": cfg.retain_memory_fraction,
+            "retain_memory_gb": cfg.retain_memory_gb}
+
+
 def warmup_linear_decay(total_steps: int, warmup_ratio: float):
     """LR multiplier: linear warm-up to 1 over warmup_ratio of the steps, then linear decay to 0."""
     warmup = warmup_steps(total_steps, warmup_ratio)
@@ -241,10 +250,15 @@ def run_identity(cfg: TrainConfig, total_steps: int, fingerprint: str) -> dict[s
     return {"total_steps": total_steps, "global_batch_size": cfg.global_batch_size, "seed": cfg.seed,
             "data": fingerprint, "columns": columns, "datasets": datasets, "streaming": cfg.streaming,
             "stream_window_batches": cfg.stream_window_batches if cfg.streaming else None,
-            "max_length": cfg.max_length, "model": cfg.model}
+            "max_length": cfg.max_length, "model": cfg.model, "planner": cfg.planner}  # the plan sets dropout seeds
+
+
+# what a checkpoint written before a key existed had: the planner of earlier versions filled chunks
+IDENTITY_BEFORE = {"planner": "fill"}
 
 
 def check_identity(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    saved = {**IDENTITY_BEFORE, **saved}
     differ = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in current.items() if saved.get(k) != v]
     if differ:
         raise checkpoint.CheckpointError(f"cannot resume from {path}: the run differs ({'; '.join(differ)})")
@@ -308,10 +322,10 @@ def _train(cfg: TrainConfig, ds_config_path: str) -> dict[str, Any]:
     summary: dict[str, Any] = {"world_size": world_size, "steps": total_steps, "train_examples": examples}
 
     engine = ContrastiveEngine(
-        model, build_loss(cfg), ds_config=ds_config, chunk_tokens=cfg.chunk_tokens, chunk_rows=cfg.chunk_rows, lr=cfg.lr,
+        model, build_loss(cfg), ds_config=ds_config, lr=cfg.lr,
         weight_decay=cfg.weight_decay, lr_scheduler=warmup_linear_decay(total_steps, cfg.warmup_ratio),
         anchor_column="anchor", positive_column="positive", seed=cfg.seed,  # the roles MixedBatches names
-        max_length=cfg.max_length, retain_tokens=cfg.retain_tokens, max_nonfinite_steps=cfg.max_nonfinite_steps,
+        max_nonfinite_steps=cfg.max_nonfinite_steps, **step_options(cfg),
     )
     set_collective_timeout(cfg.collective_timeout_seconds)  # the groups DeepSpeed made too
     run_id, bad_rows, best = None, 0, None
@@ -327,8 +341,10 @@ def _train(cfg: TrainConfig, ds_config_path: str) -> dict[str, Any]:
         if rank == 0:
             print(f"resumed from {resume_from} at step {engine.global_step} of {total_steps}", flush=True)
     start_step = engine.global_step
+    calibration = engine.step.calibration  # what the planner and retain_tokens=auto measured on this machine
     run_config = redacted({"train": asdict(cfg), "deepspeed": engine.config, "versions": versions(),
-                           "world_size": world_size})
+                           "world_size": world_size, "calibration": calibration.to_json() if calibration else None,
+                           "chunk_costs": asdict(engine.step.chunk_costs) if engine.step.chunk_costs else None})
     wandb_args = ({"project": cfg.wandb_project, "name": cfg.wandb_run_name, "tags": cfg.wandb_tags}
                   if cfg.wandb else None)
     tracker = Tracker(cfg.output_dir, run_config, rank, wandb_args, start_step if resume_from else None, run_id)

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from .chunking import check_planning
 from .ds_config import ConfigError, did_you_mean
 
 BUILTIN_MODEL = "builtin:all-MiniLM-L6-v2"
@@ -66,10 +67,14 @@ class TrainConfig:
     guide_chunk_tokens: int = 16384  # guided: padded tokens per guide forward call
     matryoshka_dims: list[int] = field(default_factory=list)  # e.g. 384,256,128,64; empty: no Matryoshka
     matryoshka_weights: list[float] = field(default_factory=list)  # one per dim; empty: all 1
-    chunk_tokens: int | None = 16384  # padded tokens per encoder forward call
-    chunk_rows: int | None = None  # most sequences per encoder forward call
+    chunk_tokens: int | None = 16384  # the most padded tokens in one encoder forward call (a memory cap)
+    chunk_rows: int | None = None  # the most sequences in one encoder forward call
+    planner: str = "fastest"  # chunk cuts: 'fastest' (least time measured on this machine) or 'fill' (fill to chunk_tokens)
+    chunk_costs: list[float] = field(default_factory=list)  # fixed planner costs (call, token, attention seconds); empty: measured
     max_nonfinite_steps: int = 10  # consecutive steps with a non-finite loss (each skipped) that stop training
-    retain_tokens: int = 0  # padded tokens per rank whose pass-1 graphs pass 2 reuses (exact; costs activations)
+    retain_tokens: int | str = "auto"  # pass-1 graphs pass 2 reuses (exact; costs activations): 'auto', or padded tokens per rank
+    retain_memory_fraction: float = 0.5  # retain_tokens auto: this fraction of the free memory (GPU: device; CPU: system / ranks)
+    retain_memory_gb: float | None = None  # retain_tokens auto: this many GiB per rank instead
     max_length: int | None = None  # truncation (default: the model's max_seq_length)
     precision: str | None = None  # 'bf16' or 'fp32' overrides the DeepSpeed config's bf16 section
     seed: int = 42
@@ -104,8 +109,11 @@ class TrainConfig:
             raise ConfigError("set train_data or datasets, not both")
         for i, entry in enumerate(self.datasets):
             check_dataset_entry(i, entry)
-        if self.retain_tokens < 0:
-            raise ConfigError(f"retain_tokens must be >= 0, got {self.retain_tokens}")
+        try:
+            check_planning(self.planner, self.chunk_costs or None, self.retain_tokens, self.retain_memory_fraction,
+                           self.retain_memory_gb)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.chunk_tokens is None and self.chunk_rows is None:
             raise ConfigError("set chunk_tokens, chunk_rows, or both")
         if not 0 <= self.warmup_ratio < 1:
@@ -178,8 +186,13 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
             return None
-        inner = next(a for a in args if a is not type(None))
-        return _coerce(key, value, inner)
+        error = None
+        for inner in (a for a in args if a is not type(None)):  # the first type the value converts to
+            try:
+                return _coerce(key, value, inner)
+            except ConfigError as e:
+                error = error or e
+        raise error
     if typing.get_origin(hint) is list:
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, list):
@@ -245,9 +258,9 @@ def redacted(value: Any) -> Any:
     Configs are written to W&B and into checkpoints; a DeepSpeed config may
     carry a monitor's API key. The original is not changed.
     """
-    if isinstance(value, dict):
-        return {k: "<redacted>" if isinstance(k, str) and SECRET_KEY.search(k) and v not in (None, "")
-                else redacted(v) for k, v in value.items()}
+    if isinstance(value, dict):  # a number is no credential (the planner's cost per "token" is one)
+        return {k: "<redacted>" if isinstance(k, str) and SECRET_KEY.search(k) and v not in (None, "") and not
+                (isinstance(v, (int, float)) and not isinstance(v, bool)) else redacted(v) for k, v in value.items()}
     if isinstance(value, list):
         return [redacted(v) for v in value]
     return value

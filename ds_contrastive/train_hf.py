@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .chunking import check_planning, parse_retain
 from .distributed import shutdown
-from .train import build_loss, load_eval_data, load_model, load_train_data
+from .train import build_loss, load_eval_data, load_model, load_train_data, step_options
 from .train_config import BUILTIN_DATA, BUILTIN_MODEL
 
 
@@ -50,11 +51,20 @@ class ContrastiveArguments:
     guide_chunk_tokens: int = 16384
     matryoshka_dims: list[int] = field(default_factory=list, metadata={"help": "e.g. 384 256 128 64"})
     matryoshka_weights: list[float] = field(default_factory=list)
-    chunk_tokens: int | None = field(default=16384, metadata={"help": "padded tokens per encoder forward call"})
-    chunk_rows: int | None = field(default=None, metadata={"help": "most sequences per encoder forward call"})
+    chunk_tokens: int | None = field(default=16384, metadata={
+        "help": "the most padded tokens in one encoder forward call (a memory cap)"})
+    chunk_rows: int | None = field(default=None, metadata={"help": "the most sequences in one encoder forward call"})
+    planner: str = field(default="fastest", metadata={
+        "help": "chunk cuts: 'fastest' (least time measured on this machine) or 'fill' (fill to chunk_tokens)"})
+    chunk_costs: list[float] = field(default_factory=list, metadata={
+        "help": "fixed planner costs (call, token, attention seconds) instead of measured ones"})
     max_length: int | None = field(default=None, metadata={"help": "truncation (default: the model's)"})
-    retain_tokens: int = field(default=0, metadata={
-        "help": "padded tokens per rank whose pass-1 graphs pass 2 reuses instead of re-running (exact; memory)"})
+    retain_tokens: str = field(default="auto", metadata={
+        "help": "pass-1 graphs pass 2 reuses instead of re-running (exact; memory): 'auto', or padded tokens per rank"})
+    retain_memory_fraction: float = field(default=0.5, metadata={
+        "help": "retain_tokens auto: this fraction of the free memory (GPU: device; CPU: system / ranks)"})
+    retain_memory_gb: float | None = field(default=None, metadata={
+        "help": "retain_tokens auto: this many GiB per rank instead"})
 
 
 def retrieval_evaluator(pairs: dict[str, list[str]]):
@@ -79,6 +89,12 @@ def parse(argv: list[str] | None = None):
     training_args, args = parser.parse_args_into_dataclasses(args=argv)
     if args.eval_data in ("none", ""):
         args.eval_data = None
+    args.retain_tokens = parse_retain(args.retain_tokens)
+    try:
+        check_planning(args.planner, args.chunk_costs or None, args.retain_tokens, args.retain_memory_fraction,
+                       args.retain_memory_gb)
+    except ValueError as e:
+        parser.error(str(e))
     return training_args, args
 
 
@@ -94,8 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(args.model)
     trainer = ContrastiveTrainer(
         model=model, args=training_args, train_dataset=Dataset.from_dict(data), loss=build_loss(args),
-        evaluator=retrieval_evaluator(eval_pairs) if eval_pairs else None, chunk_tokens=args.chunk_tokens,
-        chunk_rows=args.chunk_rows, max_length=args.max_length, retain_tokens=args.retain_tokens)
+        evaluator=retrieval_evaluator(eval_pairs) if eval_pairs else None, **step_options(args))
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     if eval_pairs:

@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
+# the chunk planner's measured costs: one cache for the session's jobs, none left in the user's home
+os.environ.setdefault("DS_CONTRASTIVE_CACHE", os.path.join(tempfile.mkdtemp(prefix="ds_contrastive_cache_"),
+                                                           "calibration.json"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 

@@ -21,11 +21,11 @@ from ds_contrastive.batch import tokenize
 from ds_contrastive.train_config import redacted
 
 
-def engine(model_dir: Path, stage: int) -> dc.ContrastiveEngine:
+def engine(model_dir: Path, stage: int, **options) -> dc.ContrastiveEngine:
     return dc.ContrastiveEngine(
         load_model(model_dir), dc.InfoNCE(learnable_temperature=True), chunk_rows=4, lr=1e-3,
         ds_config={"zero_optimization": {"stage": stage}, "gradient_clipping": 1.0},
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (s + 1)))
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (s + 1)), **options)
 
 
 def local_params(e: dc.ContrastiveEngine) -> list[torch.Tensor]:
@@ -55,6 +55,25 @@ def test_resumed_engine_ends_where_the_uninterrupted_one_does(tiny_model_dir, tm
     assert lr_at_2 == pytest.approx(1e-3 / 3)
     assert all(torch.equal(a, b) for a, b in zip(local_params(first), local_params(second)))
     assert first.temperature() == second.temperature() != 0.05  # the learnable temperature moved and was restored
+
+
+def test_a_resumed_engine_plans_with_the_costs_its_run_planned_with(tiny_model_dir, tmp_path):
+    """The plan sets the dropout seeds: a resume on a machine that measures other costs plans as before."""
+    first = engine(tiny_model_dir, 0)
+    first.train_step(BATCHES[0])
+    saved = first.save_checkpoint(tmp_path, keep=1)
+    elsewhere = dc.ChunkCosts(call=1.0, token=0.0, attention=0.0)
+    second = engine(tiny_model_dir, 0, chunk_costs=elsewhere)
+    second.load_checkpoint(saved)
+    assert second.step.chunk_costs == first.step.chunk_costs != elsewhere
+    assert second.prepare(BATCHES[1]).plan.chunks == first.prepare(BATCHES[1]).plan.chunks
+    # a checkpoint of an earlier version (fill-to-budget plans, no costs) is refused, naming the way out
+    state = json.loads((saved / checkpoint.STATE_FILE).read_text())
+    del state["engine"]["chunk_costs"]
+    (saved / checkpoint.STATE_FILE).write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="planner='fill'"):
+        engine(tiny_model_dir, 0).load_checkpoint(saved)
+    engine(tiny_model_dir, 0, planner="fill").load_checkpoint(saved)
 
 
 def fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
@@ -167,6 +186,7 @@ def test_secrets_are_redacted_from_saved_configs():
     assert out["hub_token"] == "<redacted>" and out["nested"] == [{"password": "<redacted>"}]
     assert out["aws_secret_access_key"] == out["secret_key"] == out["private_key"] == "<redacted>"
     assert out["retain_tokens"] == 5 and out["chunk_tokens"] == 8 and out["empty_token"] is None
+    assert redacted({"chunk_costs": {"token": 1e-4}}) == {"chunk_costs": {"token": 1e-4}}  # a number is no secret
     assert config["hub_token"] == "hf_abc"  # the caller's copy is untouched
 
 

@@ -1,7 +1,8 @@
 """The step's speed features change nothing but speed: kept pass-1 graphs, prepared batches, vectorized padding.
 
 In one process (no process group), on a tiny random-init BERT with dropout on:
-the gradient of a step that keeps some or all pass-1 graphs, or that is fed a
+the gradient of a step that keeps some or all pass-1 graphs (by a token
+budget or by ``retain_tokens="auto"``'s measured memory), or that is fed a
 batch prepared in the prefetch thread, equals the gradient of the plain
 re-running step on the raw batch.
 """
@@ -16,22 +17,26 @@ from helpers import corpus, load_model
 from ds_contrastive import InfoNCE, prefetched
 from ds_contrastive.backends import TorchBackend
 from ds_contrastive.batch import Tokenized, tokenizer_settings
-from ds_contrastive.step import CachedStep
+from ds_contrastive.chunking import ChunkCosts
+from ds_contrastive.step import BACKWARD_SHARE, CachedStep, chunk_shapes, kept_within, parameter_bytes
 
 CHUNK_TOKENS = 120
+COSTS = ChunkCosts(call=1e-3, token=1e-6, attention=1e-8)  # fixed: every step below plans alike
 
 
-def gradient(model_dir, batch, retain_tokens: int = 0, prepare_in_thread: bool = False):
+def gradient(model_dir, batch, retain_tokens: int | str = 0, prepare_in_thread: bool = False, **options):
     torch.manual_seed(0)
     model = load_model(model_dir)
     model.train()
     length, lowercase = tokenizer_settings(model, 64)
     step = CachedStep(InfoNCE(temperature=0.05), model.tokenizer, length, lowercase, CHUNK_TOKENS, None,
-                      "anchor", "positive", seed=3, retain_tokens=retain_tokens)
+                      "anchor", "positive", seed=3, retain_tokens=retain_tokens, chunk_costs=COSTS, **options)
     backend = TorchBackend(model, torch.device("cpu"))
+    if prepare_in_thread:
+        step.calibrate(backend)  # what the engine does when it is built
     fed = next(prefetched(step.prepare, [batch])) if prepare_in_thread else batch
     out = step.forward_backward(fed, backend, step=0)
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, out
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, out, step
 
 
 def max_difference(a: dict, b: dict) -> float:
@@ -42,8 +47,8 @@ def max_difference(a: dict, b: dict) -> float:
 @pytest.mark.parametrize("retain_tokens,kept", [(250, "some"), (10**6, "all")])
 def test_kept_graphs_give_the_same_gradient(tiny_model_dir, retain_tokens, kept):
     batch = corpus(16, negatives=1, seed=5)
-    plain, out = gradient(tiny_model_dir, batch)
-    grads, kept_out = gradient(tiny_model_dir, batch, retain_tokens=retain_tokens)
+    plain, out, _ = gradient(tiny_model_dir, batch)
+    grads, kept_out, _ = gradient(tiny_model_dir, batch, retain_tokens=retain_tokens)
     assert out.kept_chunks == 0 and len(out.plan) > 2
     if kept == "some":  # kept backwards back to back, then re-run chunks
         assert 2 <= kept_out.kept_chunks < len(out.plan)
@@ -53,10 +58,26 @@ def test_kept_graphs_give_the_same_gradient(tiny_model_dir, retain_tokens, kept)
     assert kept_out.metrics["loss"] == out.metrics["loss"]
 
 
+@pytest.mark.parametrize("gigabytes,kept", [(None, "all"), (0.0, "none"), ("two chunks", "two")])
+def test_auto_keeps_what_fits_the_memory_budget(tiny_model_dir, gigabytes, kept):
+    batch = corpus(16, negatives=1, seed=5)
+    plain, out, step = gradient(tiny_model_dir, batch)
+    if gigabytes == "two chunks":  # budget: the first two chunks' graphs plus what pass 2 needs beside them
+        _, _, step = gradient(tiny_model_dir, batch, retain_tokens="auto")
+        memory = [step.calibration.graph_bytes(r, n) for r, n in chunk_shapes(out.plan, step.prepare(batch).tokens)]
+        needed = memory[0] + memory[1] + max(memory[2:]) + BACKWARD_SHARE * memory[0]
+        assert kept_within(memory, needed * 1.0001) == 2 and kept_within(memory, needed * 0.9999) < 2
+        gigabytes = (needed * 1.0001 + parameter_bytes(load_model(tiny_model_dir))) / 2**30
+    grads, auto, _ = gradient(tiny_model_dir, batch, retain_tokens="auto", retain_memory_gb=gigabytes)
+    assert len(out.plan) > 2
+    assert auto.kept_chunks == {"all": len(out.plan), "none": 0, "two": 2}[kept]
+    assert max_difference(plain, grads) == 0.0
+
+
 def test_prepared_in_a_thread_gives_the_same_gradient(tiny_model_dir):
     batch = corpus(16, negatives=1, seed=6)
-    plain, _ = gradient(tiny_model_dir, batch)
-    grads, _ = gradient(tiny_model_dir, batch, prepare_in_thread=True)
+    plain, _, _ = gradient(tiny_model_dir, batch)
+    grads, _, _ = gradient(tiny_model_dir, batch, prepare_in_thread=True)
     assert max_difference(plain, grads) == 0.0
 
 
@@ -64,16 +85,24 @@ def test_a_batch_prepared_under_other_settings_is_refused(tiny_model_dir):
     model = load_model(tiny_model_dir)
 
     def make(chunk_tokens: int) -> CachedStep:
-        return CachedStep(InfoNCE(), model.tokenizer, 64, False, chunk_tokens, None, "anchor", "positive", 0)
+        return CachedStep(InfoNCE(), model.tokenizer, 64, False, chunk_tokens, None, "anchor", "positive", 0,
+                          chunk_costs=COSTS, retain_tokens=0)
 
     prepared = make(120).prepare(corpus(4, seed=1))
     with pytest.raises(ValueError, match="prepared by another step"):
         make(200).forward_backward(prepared, TorchBackend(model, torch.device("cpu")), step=0)
 
 
+def test_a_measured_planner_must_be_calibrated_before_prepare(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    step = CachedStep(InfoNCE(), model.tokenizer, 64, False, 120, None, "anchor", "positive", 0)
+    with pytest.raises(RuntimeError, match="call calibrate"):
+        step.prepare(corpus(4, seed=1))
+
+
 def test_negative_retain_tokens_is_refused(tiny_model_dir):
     model = load_model(tiny_model_dir)
-    with pytest.raises(ValueError, match="retain_tokens must be >= 0"):
+    with pytest.raises(ValueError, match="retain_tokens must be 'auto' or an integer >= 0"):
         CachedStep(InfoNCE(), model.tokenizer, 64, False, 100, None, "anchor", "positive", 0, retain_tokens=-1)
 
 
@@ -147,3 +176,24 @@ def test_prefetched_raises_where_the_failure_is():
         next(results)
     with pytest.raises(ValueError, match="depth"):
         next(prefetched(str, [1], depth=0))
+
+
+def test_a_batch_prepared_elsewhere_is_replanned_with_this_steps_costs(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    batch = corpus(12, negatives=1, seed=4)
+
+    def make(**options) -> CachedStep:
+        return CachedStep(InfoNCE(), model.tokenizer, 64, False, 120, None, "anchor", "positive", 0, retain_tokens=0,
+                          **options)
+
+    elsewhere = make(planner="fill").prepare(batch)  # e.g. a data process, before any calibration
+    here = make(chunk_costs=COSTS)
+    replanned = here.replan(elsewhere)
+    direct = here.prepare(batch)
+    assert replanned.plan.chunks == direct.plan.chunks and replanned.settings == direct.settings
+    assert replanned.tokens is elsewhere.tokens
+    out = here.forward_backward(replanned, TorchBackend(model, torch.device("cpu")), step=0)
+    assert out.plan.chunks == direct.plan.chunks
+    with pytest.raises(ValueError, match="this step's tokenizer"):
+        CachedStep(InfoNCE(), model.tokenizer, 32, False, 120, None, "anchor", "positive", 0,
+                   chunk_costs=COSTS).replan(elsewhere)
