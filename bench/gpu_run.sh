@@ -6,7 +6,12 @@
 #
 # Writes <card>-<date>.json, <card>-<date>.md (the table), gpu_throughput.log and nvidia-smi.txt into
 # $OUT (the device tool's output folder) or, without $OUT, into bench/results/. Extra arguments go to
-# bench/gpu_throughput.py (e.g. --items fixed-bert-large-16k, --budget 300, --retain 0).
+# bench/gpu_throughput.py (e.g. --items fixed-bert-large-16k, --budget 300). ds_contrastive runs with
+# the library's defaults: --planner fastest (chunk cuts from costs a short probe measures when each
+# engine is built, cached in ~/.cache/ds_contrastive/calibration.json: on this fresh machine, once per
+# model and ZeRO stage) and --retain auto (kept pass-1 graphs sized from the probe's activation bytes
+# and half the free GPU memory); --planner fill or --retain N|0 override them. --chunk-tokens N sets
+# the memory cap (most padded tokens per forward call). Never run on a GPU yet: only --smoke has run.
 # BUDGET_S (default 430) is the script's own time budget: it skips what no longer fits and its
 # watchdog exits 35 s after it, so the whole command ends in under 8 minutes.
 set -uo pipefail

@@ -21,11 +21,18 @@ Both sides train the same (anchor, positive) pairs with in-batch negatives (Info
 weight_decay=0.01), no gradient clipping:
 
 - ds_contrastive: ContrastiveEngine with the repo's configs/deepspeed/zero{2,3}.json (bf16 on,
-  gradient_clipping 0), torch AdamW passed as the optimizer (no CUDA op is built), length-sorted
-  chunks of `chunk_tokens` padded tokens, `retain_tokens` (when the installed ds_contrastive has it:
-  see --retain), and its steps fed through `ds_contrastive.prefetch.prefetched(engine.prepare, ...)`
-  (when it has that) so tokenizing step i+1 overlaps step i: the timed steps are steady-state steps.
-  Raw strings go in; tokenization is the engine's own.
+  gradient_clipping 0), torch AdamW passed as the optimizer (no CUDA op is built), and otherwise the
+  library's defaults, so that the run measures what users get: `planner="fastest"` (the chunk cuts
+  of the length-sorted sequences that minimise the time modelled from constants the engine measures
+  with a short probe when it is built, cached on disk under $DS_CONTRASTIVE_CACHE or
+  ~/.cache/ds_contrastive/calibration.json) and `retain_tokens="auto"` (as many pass-1 graphs kept
+  for pass 2 as fit half the GPU memory free at the step's start, by the activation bytes the probe
+  measured). `chunk_tokens` is a memory cap, not a target: the most padded tokens one forward call
+  may hold, sized from the card's memory. --planner fill reproduces the fill-to-the-cap plans of
+  earlier versions; --retain N keeps N padded tokens' worth of graphs (0: none). Steps are fed
+  through `ds_contrastive.prefetch.prefetched(engine.prepare, ...)` so that tokenizing and planning
+  step i+1 overlaps step i: the timed steps are steady-state steps. Raw strings go in; tokenization
+  is the engine's own.
 - sentence-transformers: CachedMultipleNegativesRankingLoss(model, mini_batch_size) called directly
   on features pre-tokenized outside the timed region the way its data collator does (each column
   padded to its longest, `model.preprocess`), with `model.forward` wrapped in torch.autocast(bf16)
@@ -47,14 +54,16 @@ checked against the tokenizer's output in every item):
 
 Measured per item: seconds per step (wall clock around one full optimizer step, synchronized),
 samples/s, non-pad tokens/s, peak GPU memory (torch.cuda.max_memory_allocated over the timed steps),
-and the floor: a no-grad forward plus a forward/backward of exactly the chunks ds_contrastive feeds
-the encoder (same sequences, same padding, the engine's chunk plan), on a plain bf16 copy of the
-model outside DeepSpeed. With retained graphs the engine skips the pass-2 forward of the kept
-chunks, so `floor_with_retain` (the floor less the no-grad forwards of those chunks) is recorded too.
+and the floor: a no-grad forward plus a forward/backward of exactly the chunks ds_contrastive fed
+the encoder in its last timed step (the engine's own tokens and engine.last_plan: same sequences,
+same padding), on a plain bf16 copy of the model outside DeepSpeed; so the floor runs after the ds
+part, and is skipped when that failed. With retained graphs the engine skips the pass-2 forward of
+the kept chunks, so `floor_with_retain` (the floor less the no-grad forwards of those chunks) is
+recorded too.
 Each part (ds, floor, ST) warms up once on a smaller batch (kernels, allocator), then times one step
 at full size (two when a step is estimated under 3 s).
 
-The plan, by importance (each item: floor, ds_contrastive ZeRO-2, sentence-transformers, unless said)
+The plan, by importance (each item: ds_contrastive ZeRO-2, floor, sentence-transformers, unless said)
 ------------------------------------------------------------------------------------------------------
      1  fixed      minilm      16,384
      2  realistic  minilm      16,384
@@ -66,7 +75,7 @@ The plan, by importance (each item: floor, ds_contrastive ZeRO-2, sentence-trans
      8  fixed      minilm   1,048,576   ds_contrastive, floor sampled (~40 chunks); (7 on an H200)
      9  realistic  minilm      65,536
     10  fixed      bert-base   65,536
-    11  realistic  bert-base   65,536   floor + ds_contrastive only
+    11  realistic  bert-base   65,536   ds_contrastive + floor only
     12  realistic  bert-large  16,384   (last; only when time is left)
 
 Restrictions (also written into the JSON): the full cross product (3 shapes x 2 workloads x 2 batch
@@ -76,19 +85,23 @@ realistic without: ST's bert-base realistic step at 65,536 takes about two minut
 The 1,048,576 batch is ds_contrastive only: sentence-transformers' CachedMNRL could hold the
 embeddings, but its step would take about 64 x its 16,384 step (~90 s on an H200 for MiniLM) and
 its loss builds mini_batch x 1M logits; the claim tested is that ds_contrastive runs it. Its texts
-are generated and (with engine.prepare) tokenized and planned in a background process started at
-the beginning, so the 1M step is timed like a prefetched steady-state step; its CPU preparation
-time is recorded. Items whose estimated time no longer fits the budget are skipped and recorded as
-skipped (a part that does not fit is dropped first: ST, then the floor); an out-of-memory part is
-recorded, its memory freed, and the run goes on. The JSON is written after every part.
+are generated and tokenized (CachedStep.prepare) in a background process started at the beginning,
+so the 1M step is timed like a prefetched steady-state step; that process runs before any engine
+has measured its chunk costs, so the batch is planned again with the engine's planner and costs once
+the engine exists (`replan_seconds`, outside the timed step); its CPU preparation time is recorded.
+Items whose estimated time no longer fits the budget are skipped and recorded as skipped (a part
+that does not fit is dropped first: ST, then the floor); an out-of-memory part is recorded, its
+memory freed, and the run goes on. The JSON is written after every part.
 
 The 1,048,576 item goes before bert-large on an H200-class card because its target names an H200;
 on an H100 bert-large's target comes first and the 1M item (~4 min there) is left for a run of its
 own (--items fixed-minilm-1m). Sampled floors time every k-th chunk of the length-sorted plan and
-scale by padded tokens (exact for the fixed workload up to its last partial chunk). The floor's chunk
-plan is made with ds_contrastive's own plan_chunks before the engine runs (its first chunk also
-measures the bytes per token of a retained graph, for --retain auto) and checked equal to the
-engine's last_plan afterwards (floor_plan_matches_engine).
+scale by padded tokens (exact for the fixed workload up to its last partial chunk). Every ds part
+records its planner, the chunk costs it planned with, the calibration whose activation bytes sized
+retain_tokens="auto", and its last step's chunks, kept_chunks and padding_fraction.
+
+This script has never run on a GPU: only --smoke (on a CPU) has. The time estimates used for the
+budget come from earlier reference runs of other scripts (RATES_H200), not from this one.
 
 Targets (ratios from the same run, printed and in the JSON under "targets"):
 fixed: ds step <= 0.90 x ST step for all three shapes at 16,384; realistic: ds samples/s >= 3.0 x
@@ -97,18 +110,21 @@ ratio against floor_with_retain is listed beside it);
 MiniLM ds peak memory at 65,536 <= 1.1 x at 16,384 (fixed); the 1,048,576 batch runs on one H200;
 ZeRO-3 step <= 1.15 x ZeRO-2 (bert-base realistic 16,384).
 
---smoke runs every code path on a CPU in about 2.5 minutes: tiny encoders (hidden 64-128, 2-3
-layers), 16,384 -> 32 rows, 65,536 -> 64, 1,048,576 -> 512, ST mini-batches 16..2, chunk_tokens
-1024, fp32 (CPU bf16 is emulated and slow; --precision bf16 forces it), retain_tokens 30% of the
-batch, one timed step (two for MiniLM), and simulated out-of-memory errors (ST probe, ST full step,
-ds step with retained graphs) so that the fallbacks run too. Peak memory there is the process's
-resident high-water mark (ru_maxrss), not a per-item figure.
+--smoke runs every code path on a CPU in 1.5 to 4 minutes (more on a busy machine): tiny encoders
+(hidden 64-128, 2-3 layers), 16,384 -> 32 rows, 65,536 -> 64, 1,048,576 -> 512, ST mini-batches
+16..2, chunk_tokens 1024 (the cap), fp32 (CPU bf16 is emulated and slow; --precision bf16 forces
+it), the same planner and retain_tokens="auto" (on a CPU its budget is half the system's available
+memory, so every chunk is usually kept), one timed step (two for MiniLM), and simulated
+out-of-memory errors (ST probe, ST full step, ds step with retained graphs) so that the fallbacks
+run too. Peak memory there is the process's resident high-water mark (ru_maxrss), not a per-item
+figure.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as _dt
 import gc
 import inspect
@@ -125,6 +141,10 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ds_contrastive.chunking import ChunkPlan
 
 T0 = time.perf_counter()
 ROOT = Path(__file__).resolve().parent.parent
@@ -158,22 +178,22 @@ CARD_FACTOR = {"h200": 1.0, "h100": 1.4}
 
 PLAN = [
     # name, workload, shape, rows, parts
-    ("fixed-minilm-16k", "fixed", "minilm", 16384, ("floor", "ds2", "st")),
-    ("realistic-minilm-16k", "realistic", "minilm", 16384, ("floor", "ds2", "st")),
-    ("fixed-bert-base-16k", "fixed", "bert-base", 16384, ("floor", "ds2", "st")),
-    ("realistic-bert-base-16k", "realistic", "bert-base", 16384, ("floor", "ds2", "st")),
+    ("fixed-minilm-16k", "fixed", "minilm", 16384, ("ds2", "floor", "st")),
+    ("realistic-minilm-16k", "realistic", "minilm", 16384, ("ds2", "floor", "st")),
+    ("fixed-bert-base-16k", "fixed", "bert-base", 16384, ("ds2", "floor", "st")),
+    ("realistic-bert-base-16k", "realistic", "bert-base", 16384, ("ds2", "floor", "st")),
     ("realistic-bert-base-16k-zero3", "realistic", "bert-base", 16384, ("ds3",)),
-    ("fixed-minilm-65k", "fixed", "minilm", 65536, ("floor", "ds2", "st")),
-    ("fixed-bert-large-16k", "fixed", "bert-large", 16384, ("floor", "ds2", "st")),
+    ("fixed-minilm-65k", "fixed", "minilm", 65536, ("ds2", "floor", "st")),
+    ("fixed-bert-large-16k", "fixed", "bert-large", 16384, ("ds2", "floor", "st")),
     ("fixed-minilm-1m", "fixed", "minilm", 1048576, ("ds2", "floor")),  # before bert-large on an H200
-    ("realistic-minilm-65k", "realistic", "minilm", 65536, ("floor", "ds2", "st")),
-    ("fixed-bert-base-65k", "fixed", "bert-base", 65536, ("floor", "ds2", "st")),
-    ("realistic-bert-base-65k", "realistic", "bert-base", 65536, ("floor", "ds2")),
-    ("realistic-bert-large-16k", "realistic", "bert-large", 16384, ("floor", "ds2", "st")),
+    ("realistic-minilm-65k", "realistic", "minilm", 65536, ("ds2", "floor", "st")),
+    ("fixed-bert-base-65k", "fixed", "bert-base", 65536, ("ds2", "floor", "st")),
+    ("realistic-bert-base-65k", "realistic", "bert-base", 65536, ("ds2", "floor")),
+    ("realistic-bert-large-16k", "realistic", "bert-large", 16384, ("ds2", "floor", "st")),
 ]
 RESTRICTIONS = [
     "bert-large: fixed workload at 16,384 only (realistic 16,384 is the last, optional item)",
-    "65,536: MiniLM fixed and realistic, bert-base fixed (with ST) and realistic (floor + ds_contrastive only)",
+    "65,536: MiniLM fixed and realistic, bert-base fixed (with ST) and realistic (ds_contrastive + floor only)",
     "1,048,576 (MiniLM, fixed): ds_contrastive only; its floor is sampled (every k-th chunk, scaled by padded tokens)",
     "ZeRO-3 is timed for bert-base realistic 16,384 only (ds_contrastive only)",
     "items or parts whose estimated time does not fit the remaining budget are skipped (ST first, then the floor)",
@@ -356,16 +376,15 @@ def load_st(path: Path, device: str):
     return SentenceTransformer(str(path), device=device)
 
 
-def param_count(shape: dict, vocab: int = 30522) -> int:
-    h, f, n = shape["hidden"], shape["ffn"], shape["layers"]
-    return vocab * h + 514 * h + n * (4 * h * h + 2 * h * f + 9 * h + f) + h * h
-
-
 # --- the 1,048,576 batch, prepared in a background process -----------------------------------------------
 
 
 def prepare_worker(spec: dict, out_path: str) -> None:
-    """Generate the big batch's texts and, when ds_contrastive has it, run CachedStep.prepare on them."""
+    """Generate the big batch's texts and tokenize them with CachedStep.prepare.
+
+    No engine exists yet, so the chunk costs are not measured: it plans with "fill" (no costs needed,
+    and cheap), and the main process plans the tokens again as the engine does (:func:`replanned`).
+    """
     os.environ["RAYON_NUM_THREADS"] = str(spec["threads"])
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     with contextlib.suppress(OSError):
@@ -383,19 +402,15 @@ def prepare_worker(spec: dict, out_path: str) -> None:
         from ds_contrastive.losses import InfoNCE
         from ds_contrastive.step import CachedStep
 
-        if not hasattr(CachedStep, "prepare"):
-            raise RuntimeError("this ds_contrastive has no CachedStep.prepare")
-        wanted = dict(loss=InfoNCE(temperature=0.05), tokenizer=AutoTokenizer.from_pretrained(spec["tokenizer_dir"]),
-                      max_length=spec["max_length"], lowercase=spec["lowercase"], chunk_tokens=spec["chunk_tokens"],
-                      chunk_rows=None, anchor_column="anchor", positive_column="positive", seed=0)
-        names = inspect.signature(CachedStep.__init__).parameters
-        step = CachedStep(**{k: v for k, v in wanted.items() if k in names})
+        step = CachedStep(InfoNCE(temperature=0.05), AutoTokenizer.from_pretrained(spec["tokenizer_dir"]),
+                          spec["max_length"], spec["lowercase"], spec["chunk_tokens"], None, "anchor", "positive",
+                          seed=0, retain_tokens=0, planner="fill")
         t = time.perf_counter()
         prepared = step.prepare(batch)
         if getattr(prepared, "error", None):
             raise RuntimeError(prepared.error)
         result.update(prepared=prepared, prepare_seconds=time.perf_counter() - t)
-    except Exception as e:  # noqa: BLE001 - the main process prepares it then
+    except Exception as e:  # noqa: BLE001 - the engine prepares the raw texts then
         result.update(batch=batch, error=f"{type(e).__name__}: {e}")
     result["seconds"] = time.perf_counter() - start
     with open(out_path + ".tmp", "wb") as f:
@@ -436,9 +451,8 @@ class Bench:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.calibration: list[float] = []
         self.texts: dict = {}
-        self.tokens: dict = {}
         self.st_feats: dict = {}
-        self.bpt: dict = {}
+        self.probed: set[tuple[str, int]] = set()  # (shape, ZeRO stage) whose chunk costs are measured
         self.model_dirs: dict = {}
         self.worker = None
         self.worker_path = None
@@ -450,6 +464,10 @@ class Bench:
         return SMOKE_ROWS[rows] if self.smoke else rows
 
     def chunk_tokens(self, shape: str) -> int:
+        """The engine's memory cap (most padded tokens per forward call): a quarter of the card's memory.
+
+        A cap, not a target: the planner cuts smaller chunks wherever the measured time says so.
+        """
         if self.args.chunk_tokens != "auto":
             return int(self.args.chunk_tokens)
         if self.smoke:
@@ -461,24 +479,6 @@ class Bench:
 
     def tile_elements(self) -> int | None:
         return None if self.smoke else 1 << 28  # 1 GiB fp32 logits per loss tile (default is 1 << 25)
-
-    def retain_for(self, shape: str, workload: str, rows: int, padded_tokens: int) -> tuple[int, str]:
-        """retain_tokens for one engine: --retain N, 0, or auto (about 60% of the memory left free)."""
-        mode = self.args.retain
-        if mode != "auto":
-            return int(mode), "fixed by --retain"
-        if not self.cuda:
-            return int(0.3 * padded_tokens), "smoke: 30% of the batch's padded tokens"
-        s = self.shapes[shape]
-        bpt = self.bpt.get((shape, workload)) or self.bpt.get((shape, "fixed"))
-        source = "measured" if bpt else "formula layers*hidden*40"
-        bpt = bpt or s["layers"] * s["hidden"] * 40
-        static = 18 * param_count(s)  # bf16 weights, fp32 master, gradients, AdamW moments
-        embeddings = 2 * rows * s["hidden"] * 4 * 6  # fp32 embeddings, their gradient, the loss's copies
-        working = self.chunk_tokens(shape) * bpt * 1.25 + 4 * GIB + (4 * GIB if rows > 200_000 else 0)
-        free = 0.92 * self.total_mem - static - embeddings - working
-        value = max(0, int(0.6 * free / bpt) // 1024 * 1024)
-        return value, f"auto: 60% of {free / GIB:.1f} GiB free at {bpt / 1024:.1f} KiB per token ({source})"
 
     # -- estimates and budget ------------------------------------------------------------------------------
 
@@ -531,7 +531,9 @@ class Bench:
         setup = 4 if self.cuda else 6
         if part.startswith("ds"):
             load = 8 if rows > 200_000 else 0  # loading the pickled 1M batch
-            return setup + load + step * (steps + self.warm_rows(rows) / rows)
+            # the engine's chunk-cost probe: the first time this run builds a model at a ZeRO stage (then cached)
+            probe = 0 if (shape, int(part[2])) in self.probed else 3
+            return setup + load + probe + step * (steps + self.warm_rows(rows) / rows)
         return setup + 3 + step * (steps + 0.2)
 
     def fits(self, seconds: float) -> bool:
@@ -547,26 +549,9 @@ class Bench:
             log(f"texts {workload} x {rows}: {time.perf_counter() - t:.1f} s")
         return self.texts[key]
 
-    def get_tokens(self, model, workload: str, rows: int):
-        """The engine's own tokenization of the batch (for the floor), checked against the drawn lengths."""
-        import numpy as np
-
-        from ds_contrastive.batch import tokenize, tokenizer_settings
-
-        key = (workload, rows)
-        if key not in self.tokens:
-            texts = self.get_texts(workload, rows)
-            max_length, lowercase = tokenizer_settings(model)
-            t = time.perf_counter()
-            tokens = tokenize(model.tokenizer, texts["anchor"] + texts["positive"], max_length, lowercase)
-            self.check_lengths(tokens, texts["q_len"], texts["d_len"])
-            self.tokens[key] = tokens
-            log(f"tokenized {workload} x {rows} for the floor: {time.perf_counter() - t:.1f} s "
-                f"({int(np.sum(tokens.lengths))} tokens, lengths as drawn)")
-        return self.tokens[key]
-
     @staticmethod
     def check_lengths(tokens, q_len, d_len) -> None:
+        """The engine's tokenization gives exactly the drawn lengths: the workload is what it claims."""
         import numpy as np
 
         got = np.asarray(tokens.lengths)
@@ -626,8 +611,12 @@ class Bench:
 
     # -- the floor -------------------------------------------------------------------------------------------
 
-    def floor(self, shape: str, workload: str, tokens, plan, sample_every: int = 1) -> dict:
-        """No-grad forward + forward/backward of the engine's chunks on a plain bf16 copy of the model."""
+    def floor(self, shape: str, tokens, plan: ChunkPlan, sample_every: int = 1) -> dict:
+        """No-grad forward + forward/backward of the engine's chunks on a plain bf16 copy of the model.
+
+        ``tokens`` and ``plan`` are what the ds part's last timed step fed the encoder (its Prepared
+        tokens and engine.last_plan), so the floor is of the very chunks the engine ran.
+        """
         torch = self.torch
         model = load_st(self.model_dir(shape), self.device)
         if self.bf16:
@@ -639,20 +628,11 @@ class Bench:
         padded_all = [len(c.indices) * max(lengths[i] for i in c.indices) for c in real]
         sizes = padded_all[::sample_every]
         feats = [tokens.features(c.indices, torch.device(self.device)) for c in chosen]
-        # warm-up on the first (longest) chunk; it also measures what a retained graph holds per token
-        self.sync()
-        before = self.allocated_gib()
-        out = model(dict(feats[0]))["sentence_embedding"]
-        self.sync()
-        held = (self.allocated_gib() - before) * GIB if self.cuda else None
-        out.float().sum().backward()
-        del out
+        # warm-up on the first (longest) chunk: kernels and the allocator
+        model(dict(feats[0]))["sentence_embedding"].float().sum().backward()
         with torch.no_grad():
             model(dict(feats[0]))
         model.zero_grad(set_to_none=True)
-        bpt = held / sizes[0] if held else None
-        if bpt and sample_every == 1:
-            self.bpt[(shape, workload)] = bpt
         # timed: every no-grad forward (one mark per chunk), then every forward/backward
         marks = []
         self.sync()
@@ -681,7 +661,8 @@ class Bench:
                 "nograd_cumulative": marks if sample_every == 1 else None, "chunks": len(real),
                 "sampled_every": sample_every, "measured_chunks": len(chosen), "scale": scale,
                 "padded_tokens": int(sum(padded_all)), "real_tokens": int(sum(lengths)),
-                "retained_bytes_per_token": bpt, "precision": "bf16 weights" if self.bf16 else "fp32"}
+                "plan": "the ds part's engine.last_plan and tokens",
+                "precision": "bf16 weights" if self.bf16 else "fp32"}
 
     # -- ds_contrastive ----------------------------------------------------------------------------------------
 
@@ -691,63 +672,75 @@ class Bench:
         config["gradient_clipping"] = 0.0
         return config
 
-    def ds_part(self, shape: str, workload: str, rows: int, stage: int, retain: int, steps: int,
-                big: dict | None = None) -> dict:
-        """Build an engine, warm up on a smaller batch, time ``steps`` full steps."""
+    def ds_part(self, shape: str, workload: str, rows: int, stage: int, retain: int | str, steps: int,
+                big: dict | None = None) -> tuple[dict, tuple]:
+        """Build an engine with the library's planner, warm up on a smaller batch, time ``steps`` full steps.
+
+        Returns the part's record and what the last timed step fed the encoder, (its tokens,
+        engine.last_plan), which the floor then repeats.
+        """
         import ds_contrastive as dc
+        from ds_contrastive.prefetch import prefetched
+        from ds_contrastive.step import Prepared
 
         texts = self.get_texts("fixed", self.rows(16384)) if big else self.get_texts(workload, rows)
+        drawn = big if big else texts  # the full batch's drawn lengths (q_len, d_len)
         full = big["input"] if big else {"anchor": texts["anchor"], "positive": texts["positive"]}
         warm_rows = min(self.warm_rows(rows), len(texts["anchor"]))
         warm = {"anchor": texts["anchor"][:warm_rows], "positive": texts["positive"][:warm_rows]}
         loss_kwargs = {"temperature": 0.05}
         if self.tile_elements():
             loss_kwargs["tile_elements"] = self.tile_elements()
-        kwargs = dict(loss=dc.InfoNCE(**loss_kwargs), ds_config=self.ds_config(stage),
-                      chunk_tokens=self.chunk_tokens(shape), lr=1e-5, weight_decay=0.01, seed=0)
-        if self.apis["retain_tokens"]:
-            kwargs["retain_tokens"] = retain
         t = time.perf_counter()
-        engine = dc.ContrastiveEngine(load_st(self.model_dir(shape), "cpu"), **kwargs)
-        init_seconds = time.perf_counter() - t
-        result = {"zero_stage": stage, "chunk_tokens": kwargs["chunk_tokens"], "retain_tokens": retain,
-                  "init_seconds": init_seconds, "warmup_rows": warm_rows, "steps": []}
-        batches = [warm] + [full] * steps
-        prepared_input = big is not None and not isinstance(full, dict)
-        if self.apis["prepare"] and not prepared_input:
-            if self.apis["prefetch"] == "ds_contrastive.prefetch":
-                from ds_contrastive.prefetch import prefetched
-            else:
-                prefetched = local_prefetched
+        engine = dc.ContrastiveEngine(load_st(self.model_dir(shape), "cpu"), loss=dc.InfoNCE(**loss_kwargs),
+                                      ds_config=self.ds_config(stage), chunk_tokens=self.chunk_tokens(shape),
+                                      retain_tokens=retain, planner=self.args.planner, lr=1e-5, weight_decay=0.01,
+                                      seed=0)
+        self.probed.add((shape, stage))
+        step = engine.step
+        costs, calibration = step.costs, step.calibration
+        result = {"zero_stage": stage, "chunk_tokens": step.chunk_tokens, "planner": step.planner,
+                  "chunk_costs": dataclasses.asdict(costs) if costs else None, "retain_tokens": retain,
+                  "retain_memory_fraction": step.retain_memory_fraction if retain == "auto" else None,
+                  "calibration": calibration.to_json() if calibration else None,
+                  # the engine's probe of the chunk costs runs here, unless its on-disk cache has them
+                  "init_seconds": time.perf_counter() - t, "warmup_rows": warm_rows, "steps": []}
+        if isinstance(full, Prepared):
+            t = time.perf_counter()
+            full = step.replan(full)
+            result["replan_seconds"] = time.perf_counter() - t
+            source = iter([warm] + [full] * steps)
+            result["fed"] = "tokenized in a background process, planned again with the engine's planner and costs"
+        else:
             prepare_seconds: list[float] = []
 
-            def prepare(b, _prepare=engine.prepare):
+            def prepare(batch: dict) -> Prepared:
                 t = time.perf_counter()
-                out = _prepare(b)
+                out = engine.prepare(batch)
                 prepare_seconds.append(time.perf_counter() - t)
                 return out
 
-            source = prefetched(prepare, batches, depth=1)
-            result["fed"] = f"{self.apis['prefetch']}(engine.prepare, depth=1)"
+            source = prefetched(prepare, [warm] + [full] * steps, depth=1)
+            result["fed"] = "prefetched(engine.prepare, depth=1)"
             result["background_prepare_seconds"] = prepare_seconds
-        else:
-            source = iter(batches)
-            result["fed"] = "pre-prepared in a background process" if prepared_input else "raw strings"
+        fed = None
         try:
-            for i in range(len(batches)):
+            for i in range(steps + 1):
                 w = time.perf_counter()
                 batch = next(source)
                 wait = time.perf_counter() - w
                 if i == 1:
                     self.sync()
                     self.reset_peak()
-                    if big is None and retain > 0:
+                    if big is None and retain != 0:
                         self.simulated.maybe("ds-retain")
                 self.sync()
                 start = time.perf_counter()
                 metrics = engine.train_step(batch)
                 self.sync()
                 seconds = time.perf_counter() - start
+                if i == steps:  # the last timed step: the floor repeats its chunks
+                    fed = (batch.tokens, engine.last_plan)
                 del batch
                 keep = {k: float(v) for k, v in metrics.items() if k.startswith("time_") or k in (
                     "chunks", "kept_chunks", "padding_fraction", "peak_memory_gb", "loss", "accuracy",
@@ -759,12 +752,13 @@ class Bench:
                 else:
                     result["steps"].append(entry)
                     log(f"  ds step {i}: {seconds:.3f} s, chunks {keep.get('chunks')}, kept {keep.get('kept_chunks')}, "
-                        f"waited {wait:.2f} s for its input, peak {self.peak_gib():.2f} GiB")
+                        f"padding {keep.get('padding_fraction', 0):.1%}, waited {wait:.2f} s for its input, "
+                        f"peak {self.peak_gib():.2f} GiB")
+            self.check_lengths(fed[0], drawn["q_len"], drawn["d_len"])
             timed = result["steps"]
-            result["step_seconds"] = statistics.median(s["seconds"] for s in timed)
-            result["peak_gib"] = self.peak_gib()
-            result["plan"] = [c.indices for c in engine.last_plan.chunks] if engine.last_plan is not None else None
-            result["kept_chunks"] = timed[-1].get("kept_chunks")
+            result.update(step_seconds=statistics.median(s["seconds"] for s in timed), peak_gib=self.peak_gib(),
+                          chunks=timed[-1]["chunks"], kept_chunks=timed[-1]["kept_chunks"],
+                          padding_fraction=timed[-1]["padding_fraction"])
         finally:
             # free the engine here, also on failure: a traceback kept by the caller must not hold it
             if hasattr(source, "close"):
@@ -772,10 +766,10 @@ class Bench:
                     source.close()
             with contextlib.suppress(Exception):
                 engine.engine.destroy()
-            engine = source = batches = full = None
+            engine = step = source = full = None
             self.cleanup()
         result["allocated_after_gib"] = self.allocated_gib()
-        return result
+        return result, fed
 
     # -- sentence-transformers ----------------------------------------------------------------------------
 
@@ -921,59 +915,38 @@ class Bench:
         log(f"item {name} ({workload}, {shape}, {rows} rows): parts {chosen}, estimates "
             + ", ".join(f"{p} {estimates[p]:.0f} s" for p in chosen))
         big = self.big_input(item) if nominal_rows > 200_000 else None
-        tokens, plan = None, None
-        if "floor" in chosen and big is None:
-            model = load_st(self.model_dir(shape), "cpu")
-            tokens = self.get_tokens(model, workload, rows)
-            del model
-            from ds_contrastive.chunking import plan_chunks
-
-            plan = plan_chunks(tokens.lengths, self.chunk_tokens(shape), None)
-        if "floor" in chosen and big is not None and big.get("prepared") is None:
-            chosen.remove("floor")
-            item["parts"]["floor"] = {"status": "skipped", "reason": "the sampled floor of the big batch uses the "
-                                      "tokens of engine.prepare, which this ds_contrastive lacks"}
+        fed = None  # (tokens, plan) of the ds part's last timed step: the floor repeats exactly those chunks
         for part in chosen:
             t = time.perf_counter()
             failure = None
             try:
                 if part == "floor":
-                    if big is not None:
-                        tokens, plan = big["prepared"].tokens, big["prepared"].plan
+                    if fed is None:
+                        item["parts"]["floor"] = {"status": "skipped", "reason": "no ds part ran, so there is no "
+                                                  "engine plan to repeat"}
+                        continue
+                    tokens, plan = fed
                     every = self.floor_sampling(nominal_rows, len(plan))
-                    item["parts"]["floor"] = self.floor(shape, workload, tokens, plan, every)
+                    item["parts"]["floor"] = self.floor(shape, tokens, plan, every)
                     f = item["parts"]["floor"]
                     log(f"  floor: {f['seconds']:.3f} s (no-grad {f['nograd_seconds']:.3f} s, fwd/bwd "
                         f"{f['fwdbwd_seconds']:.3f} s, {f['chunks']} chunks, sampled every {every})")
                 elif part.startswith("ds"):
-                    stage = int(part[2])
-                    padded = None
-                    if plan is not None:
-                        lengths = tokens.lengths
-                        padded = sum(len(c.indices) * max(lengths[i] for i in c.indices) for c in plan.chunks)
-                    padded = padded or int(self.real_tokens(workload, rows) * 1.1)
-                    retain, why = (self.retain_for(shape, workload, rows, padded) if self.apis["retain_tokens"]
-                                   else (0, "not supported by this ds_contrastive"))
+                    stage, retain = int(part[2]), self.args.retain
                     steps = self.steps_for(self.step_estimate(part, shape, workload, rows), shape)
                     res, first = None, None
                     try:
-                        res = self.ds_part(shape, workload, rows, stage, retain, steps, big)
+                        res, fed = self.ds_part(shape, workload, rows, stage, retain, steps, big)
                     except Exception as e:
-                        if retain == 0 or not self.fits(estimates[part]):
+                        if retain == 0 or not is_oom(e) or not self.fits(estimates[part]):
                             raise
-                        first = {"retain_tokens": retain, "error": f"{type(e).__name__}: {str(e)[:500]}",
-                                 "out_of_memory": is_oom(e)}
-                    if res is None:  # retry without retained graphs, outside the except block
-                        log(f"  ds with retain_tokens={retain} failed ({first['error'][:200]}); retrying with 0")
+                        first = {"retain_tokens": retain, "error": f"{type(e).__name__}: {str(e)[:500]}"}
+                    if res is None:  # out of memory with kept graphs: again without, outside the except block
+                        log(f"  ds with retain_tokens={retain} ran out of memory ({first['error'][:200]}); "
+                            "retrying with 0")
                         self.cleanup()
-                        retain, why = 0, f"fallback after a failure with {first['retain_tokens']}"
-                        res = self.ds_part(shape, workload, rows, stage, retain, steps, big)
+                        res, fed = self.ds_part(shape, workload, rows, stage, 0, steps, big)
                         res["first_attempt"] = first
-                    res["retain_reason"] = why
-                    engine_plan = res.pop("plan")
-                    if plan is not None and engine_plan is not None:
-                        res["floor_plan_matches_engine"] = (
-                            [tuple(c.indices) for c in plan.chunks] == [tuple(c) for c in engine_plan])
                     item["parts"][part] = res
                 else:
                     steps = self.steps_for(self.step_estimate("st", shape, workload, rows), shape)
@@ -1001,7 +974,11 @@ class Bench:
         return item
 
     def big_input(self, item: dict) -> dict:
-        """The 1M batch: from the background process, or made here when it failed."""
+        """The 1M batch (``input``, and its drawn ``q_len``, ``d_len``): from the background process, or made here.
+
+        ``input`` is the process's Prepared batch, or raw texts when it failed (then engine.prepare
+        tokenizes them, prefetched).
+        """
         out: dict = {}
         t = time.perf_counter()
         result = None
@@ -1014,18 +991,14 @@ class Bench:
         wait = time.perf_counter() - t
         info = {"wait_and_load_seconds": wait}
         if result is None:
-            info["worker"] = "failed or absent: texts made here, tokenized inside the step"
+            info["worker"] = "failed or absent: texts made here, tokenized by engine.prepare"
             texts = workload_texts(self.vocab, item["workload"], item["rows"], self.smoke)
-            out["input"] = {"anchor": texts["anchor"], "positive": texts["positive"]}
+            out.update(input={"anchor": texts["anchor"], "positive": texts["positive"]}, q_len=texts["q_len"],
+                       d_len=texts["d_len"])
         else:
             info.update({k: result.get(k) for k in ("texts_seconds", "prepare_seconds", "seconds", "error")})
-            if "prepared" in result:
-                prepared = result["prepared"]
-                self.check_lengths(prepared.tokens, result["q_len"], result["d_len"])
-                info["lengths_checked"] = True
-                out["input"] = out["prepared"] = prepared
-            else:
-                out["input"] = result["batch"]
+            out.update(input=result["prepared"] if "prepared" in result else result["batch"], q_len=result["q_len"],
+                       d_len=result["d_len"])
         item["big_batch"] = info
         log(f"  1M batch ready: {info}")
         return out
@@ -1120,7 +1093,13 @@ class Bench:
         def f(v, fmt="{:.3g}"):
             return "-" if v is None else fmt.format(v)
 
-        head = ("| workload | model | batch | ZeRO | ds step (s) | ds samples/s | ds tokens/s | ds peak (GiB) | retain "
+        def retain(ds: dict) -> str:
+            setting = ds["retain_tokens"]
+            setting = f"{setting:,}" if isinstance(setting, int) else setting
+            return f"{setting}: {ds['kept_chunks']:.0f}/{ds['chunks']:.0f}"
+
+        head = ("| workload | model | batch | ZeRO | ds step (s) | ds samples/s | ds tokens/s | ds peak (GiB) "
+                "| retain: kept/chunks "
                 "| floor (s) | ds/floor | ST mini-batch | ST step (s) | ST samples/s | ST peak (GiB) | ds/ST step "
                 "| ds/ST samples/s |")
         lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
@@ -1148,7 +1127,7 @@ class Bench:
                 f"| {f(ds.get('step_seconds')) if dsok else ds.get('status', '-')} "
                 f"| {f(r.get('ds_samples_per_s'), '{:,.0f}')} "
                 f"| {f(r.get('ds_tokens_per_s'), '{:,.0f}')} | {f(ds.get('peak_gib'), '{:.1f}') if dsok else '-'} "
-                f"| {f(ds.get('retain_tokens'), '{:,}') if dsok else '-'} | {floor_cell} "
+                f"| {retain(ds) if dsok else '-'} | {floor_cell} "
                 f"| {f(r.get('ds_over_floor'), '{:.2f}')} "
                 f"| {st_mbs} | {f(st.get('step_seconds')) if stok else '-'} "
                 f"| {f(r.get('st_samples_per_s'), '{:,.0f}')} "
@@ -1193,24 +1172,12 @@ class Bench:
         import sentence_transformers
 
         import ds_contrastive
-        from ds_contrastive.engine import ContrastiveEngine
+        from ds_contrastive.calibration import cache_path
 
-        self.apis = {
-            "retain_tokens": "retain_tokens" in inspect.signature(ContrastiveEngine.__init__).parameters,
-            "prepare": hasattr(ContrastiveEngine, "prepare"),
-            "prefetch": None,
-        }
-        try:
-            import ds_contrastive.prefetch
-
-            self.apis["prefetch"] = "ds_contrastive.prefetch"
-        except ImportError:
-            if self.apis["prepare"]:
-                self.apis["prefetch"] = "bench-local thread"
         self.tokenizer_dir = find_tokenizer_dir(self.args.tokenizer)
         self.vocab = vocabulary(self.tokenizer_dir)
         self.report = {
-            "schema": 1,
+            "schema": 2,
             "script": "bench/gpu_throughput.py",
             "started": _dt.datetime.now().isoformat(timespec="seconds"),
             "smoke": self.smoke,
@@ -1223,11 +1190,11 @@ class Bench:
                     "ds_contrastive": getattr(ds_contrastive, "__version__", None),
                     "ds_contrastive_path": str(Path(ds_contrastive.__file__).parent), "git": git_state(),
                     "cpu_count": os.cpu_count(), "master_port": os.environ.get("MASTER_PORT")},
-            "apis": self.apis,
             "settings": {
                 "budget_s": self.budget, "precision": "bf16" if self.bf16 else "fp32",
-                "tf32_matmul": bool(self.args.tf32), "retain": self.args.retain,
-                "chunk_tokens": {s: self.chunk_tokens(s) for s in self.shapes},
+                "tf32_matmul": bool(self.args.tf32), "retain_tokens": self.args.retain, "planner": self.args.planner,
+                "chunk_tokens_cap": {s: self.chunk_tokens(s) for s in self.shapes},
+                "chunk_cost_cache": str(cache_path()),
                 "loss": {"temperature": 0.05, "tile_elements": self.tile_elements() or "default"},
                 "optimizer": "torch.optim.AdamW(lr=1e-5, weight_decay=0.01), both sides; gradient clipping off",
                 "st_mini_batch_candidates": list(SMOKE_ST_MINI_BATCHES if self.smoke else ST_MINI_BATCHES),
@@ -1241,10 +1208,11 @@ class Bench:
             "items": [],
         }
         log(f"{self.device_name} ({self.total_mem / GIB:.0f} GiB), card {self.card}, budget {self.budget:.0f} s, "
-            f"apis {self.apis}, ds_contrastive from {self.report['env']['ds_contrastive_path']}")
+            f"planner {self.args.planner}, retain_tokens {self.args.retain}, "
+            f"ds_contrastive from {self.report['env']['ds_contrastive_path']}")
 
     def start_worker(self, plan: list) -> None:
-        """Start preparing the 1M batch in a background process (its texts, tokens and chunk plan)."""
+        """Start preparing the 1M batch in a background process (its texts and tokens; see prepare_worker)."""
         import multiprocessing as mp
 
         big = [p for p in plan if p[3] > 200_000]
@@ -1301,17 +1269,14 @@ def st_trimmed_tokens(q: dict, d: dict, mbs: int) -> int:
     return total
 
 
-def local_prefetched(fn, items, depth: int = 1):
-    """Used only when ds_contrastive has engine.prepare but no prefetch module: one worker thread."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    items = list(items)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        futures = [pool.submit(fn, x) for x in items[:depth]]
-        for i in range(len(items)):
-            if i + depth < len(items):
-                futures.append(pool.submit(fn, items[i + depth]))
-            yield futures[i].result()
+def retain_arg(value: str) -> int | str:
+    """--retain: "auto" (the engine sizes it from the memory its probe measured) or padded tokens (0: none)."""
+    if value == "auto":
+        return value
+    tokens = int(value)
+    if tokens < 0:
+        raise ValueError(value)
+    return tokens
 
 
 def remove_own_shm_buffers() -> None:
@@ -1345,8 +1310,15 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes and batches: every code path, on a CPU")
     parser.add_argument("--budget", type=float, default=None, help="seconds from start (default 430; smoke 900)")
     parser.add_argument("--grace", type=float, default=35.0, help="the watchdog exits at budget + grace")
-    parser.add_argument("--retain", default="auto", help="retain_tokens: auto | 0 | N")
-    parser.add_argument("--chunk-tokens", dest="chunk_tokens", default="auto", help="auto | N")
+    parser.add_argument("--retain", type=retain_arg, default="auto",
+                        help="the engine's retain_tokens: auto (kept graphs sized by the engine from the memory its "
+                             "probe measured; the library's default) | N padded tokens | 0 (none)")
+    parser.add_argument("--planner", choices=("fastest", "fill"), default="fastest",
+                        help="the engine's chunk planner: fastest (the library's default) | fill (the fill-to-the-cap "
+                             "plans of earlier versions)")
+    parser.add_argument("--chunk-tokens", dest="chunk_tokens", default="auto",
+                        help="the engine's memory cap, most padded tokens per forward call: auto (from the card's "
+                             "memory) | N")
     parser.add_argument("--steps", type=int, default=0, help="timed steps per part (0: 2 if a step is < 3 s, else 1)")
     parser.add_argument("--items", default="", help="comma-separated item names or numbers (1-based) to run")
     parser.add_argument("--list", action="store_true", help="print the plan with time estimates and exit")
@@ -1383,6 +1355,7 @@ def main() -> None:
         for k, (name, workload, shape, rows, parts) in enumerate(plan, 1):
             est = {p: bench.part_estimate(p, shape, workload, bench.rows(rows)) for p in parts}
             total += sum(est.values())
+            bench.probed.update((shape, int(p[2])) for p in parts if p.startswith("ds"))
             parts_text = "  ".join(f"{p} {v:6.1f} s" for p, v in est.items())
             print(f"{k:2d} {name:32s} {parts_text}   (cumulative {total:6.1f} s)")
         print(f"card {bench.card} (factor {bench.factor}), budget {bench.budget:.0f} s, "
