@@ -1,6 +1,6 @@
 """Exactly one gradient reduction per optimizer step, and equal forward calls on every rank.
 
-2 ranks with unequal shards, ZeRO 0-3, one chunk and seven chunks per pass.
+2 ranks with unequal shards, ZeRO 0-3, one chunk and seven chunks per pass, with the default kept graphs.
 Every reducing collective DeepSpeed issues is counted and attributed to the
 backward call (or optimizer step) it ran in.
 """
@@ -37,4 +37,5 @@ def test_equal_forward_calls_on_every_rank(report, stage):
     for rows in (1000, 3):
         r = report[f"zero{stage}/rows{rows}"]
         calls = r["forward_calls_per_rank"]
-        assert calls[0] == calls[1] == 2 * r["chunks"]  # pass 1 + pass 2
+        # pass 1 + pass 2, less the pass-2 forwards of the chunks whose graph was kept (retain_tokens="auto")
+        assert calls[0] == calls[1] == 2 * r["chunks"] - r["kept_chunks"]

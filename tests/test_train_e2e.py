@@ -61,7 +61,9 @@ def runs(tiny_model_dir, tmp_path_factory):
             "--config", str(ROOT / "configs/train/quickstart.yaml"),
             "--model", str(tiny_model_dir), "--train_data", str(root / "train.jsonl"),
             "--negative_columns", "negative_0", "--eval_data", str(root / "heldout.jsonl"),
+            # fixed planner costs: the plan (so the dropout masks) must not depend on each stage's measured timings
             "--global_batch_size", "9", "--max_steps", str(STEPS), "--chunk_tokens", "150",
+            "--chunk_costs", "1e-3,1e-6,1e-9",
             "--max_length", "32", "--learnable_temperature", "true", "--wandb", "true",
             "--wandb_run_name", f"e2e-{stage}", "--progress_bar", "false", "--output_dir", str(out[stage]),
         ], timeout=600)

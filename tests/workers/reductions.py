@@ -68,12 +68,13 @@ def measure(model_dir: str, stage: int, chunk_rows: int) -> dict:
     sizes = [7, 5, 4][:size]
     batch = corpus(sum(sizes), 1, seed=3)
     start = sum(sizes[:rank])
-    engine.train_step({k: v[start : start + sizes[rank]] for k, v in batch.items()})
+    metrics = engine.train_step({k: v[start : start + sizes[rank]] for k, v in batch.items()})
     return {
         "chunks": len(engine.last_plan),
         "backward_calls": calls["backward"],
         "events": counter.events,
         "forward_calls_per_rank": all_gather_objects(len(forwards)),
+        "kept_chunks": int(metrics["kept_chunks"]),
     }
 
 
