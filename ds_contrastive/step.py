@@ -180,8 +180,9 @@ class CachedStep:
             ``retain_tokens="auto"``: this many GiB per rank, or by default this
             fraction of the memory free at the step's start (GPU: the device's;
             CPU: the system's available memory shared by the machine's ranks),
-            less a reserve for pass 2 (two of the largest chunk's activations and
-            one copy of the parameters).
+            less what pass 2 needs beside the kept graphs (the largest re-run
+            chunk's graph, a share of the largest kept one for its backward, and
+            one copy of the parameters: :func:`kept_within`).
     """
 
     def __init__(self, loss: InfoNCE | Matryoshka, tokenizer: object, max_length: int, lowercase: bool,
