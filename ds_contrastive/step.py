@@ -180,9 +180,9 @@ class CachedStep:
             ``retain_tokens="auto"``: this many GiB per rank, or by default this
             fraction of the memory free at the step's start (GPU: the device's;
             CPU: the system's available memory shared by the machine's ranks),
-            less what pass 2 needs beside the kept graphs (the largest re-run
-            chunk's graph, a share of the largest kept one for its backward, and
-            one copy of the parameters: :func:`kept_within`).
+            less one copy of the parameters. Pass 2 runs the kept graphs'
+            backwards first, then the re-run chunks, so the kept graphs and the
+            largest re-run chunk are never held together (:func:`kept_within`).
     """
 
     def __init__(self, loss: InfoNCE | Matryoshka, tokenizer: object, max_length: int, lowercase: bool,
@@ -464,19 +464,22 @@ CALIBRATION_TEXT = ("The quick brown fox jumps over the lazy dog, then measures 
                     "sequences of many lengths on this machine.")
 
 
-BACKWARD_SHARE = 0.25  # of the largest kept graph: the working memory of its backward (gradients, layer by layer)
+BACKWARD_SHARE = 0.25  # of a graph: the working memory of its backward (gradients, layer by layer)
 
 
 def kept_within(memory: list[float], budget: float) -> int:
     """How many leading chunks of activation sizes ``memory`` can keep their graphs within ``budget`` bytes.
 
-    While ``k`` graphs are kept, pass 2 also re-runs the largest of the other
-    chunks (its whole graph) and back-propagates through the kept ones (a
-    share of the largest): k fits when the kept graphs plus both fit.
+    Pass 2 back-propagates the kept graphs first, freeing each as it goes,
+    and only then re-runs the other chunks one at a time. So the peak is the
+    larger of two moments: all kept graphs plus the first one's backward, or
+    the largest re-run chunk's graph plus its backward.
     """
     kept_bytes = np.cumsum([0.0, *memory])
     rerun = np.maximum.accumulate([0.0, *memory[::-1]])[::-1]  # rerun[k]: the largest of memory[k:]
-    fits = kept_bytes + rerun + BACKWARD_SHARE * (memory[0] if memory else 0.0) <= budget
+    first = np.array([0.0] + [memory[0]] * len(memory)) if memory else np.zeros(1)
+    peak = np.maximum(kept_bytes + BACKWARD_SHARE * first, (1 + BACKWARD_SHARE) * rerun)
+    fits = peak <= budget
     return int(np.flatnonzero(fits)[-1]) if fits.any() else 0  # keeping none is the plain step
 
 
