@@ -1,5 +1,5 @@
 """``python -m ds_contrastive``: the ``ds-contrastive`` command."""
 
-from .cli import main
+from .run.cli import main
 
 main()

@@ -1,7 +1,7 @@
 """ContrastiveEngine: one exact, cached, cross-rank contrastive step on DeepSpeed.
 
 One ``train_step`` is one optimizer step over one global batch (every rank's
-shard): :class:`~ds_contrastive.step.CachedStep` computes the exact gradient of
+shard): :class:`~ds_contrastive.core.step.CachedStep` computes the exact gradient of
 the global batch's mean loss with one gradient reduction (see that module for
 the step and why it is exact), then one ``engine.step()``.
 """
@@ -18,23 +18,19 @@ from typing import Any
 
 import torch
 
-from . import checkpoint
-from .backends import DeepSpeedBackend
-from .batch import tokenizer_settings
-from .chunking import ChunkCosts, ChunkPlan
-from .distributed import init_process_group, world
-from .ds_config import load_ds_config, precision, resolve_ds_config, zero_stage
-from .losses import InfoNCE
-from .matryoshka import Matryoshka
-from .module import EmbeddingModule
-from .retrieval import sharded_retrieval_metrics
-from .saving import save_consolidated
-from .step import CachedStep, Prepared, check_dims
-
-
-class NonFiniteLoss(RuntimeError):
-    """Too many consecutive steps had a non-finite loss; raised on every rank alike."""
-
+from .core.backends import DeepSpeedBackend
+from .core.chunks import ChunkCosts, ChunkPlan
+from .core.embedding_module import EmbeddingModule
+from .core.runtime import init_process_group, world
+from .core.shard import tokenizer_settings
+from .core.step import CachedStep, Prepared, check_dims
+from .deepspeed_config.loading import load_ds_config, precision, resolve_ds_config, zero_stage
+from .errors import NonFiniteLoss
+from .losses.infonce import InfoNCE
+from .losses.matryoshka import Matryoshka
+from .run import checkpoint
+from .run.retrieval import sharded_retrieval_metrics
+from .run.saving import save_consolidated
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -58,7 +54,7 @@ class ContrastiveEngine:
             :class:`~ds_contrastive.GuidedInfoNCE` (its guide runs in pass 1,
             outside DeepSpeed) or :class:`~ds_contrastive.Matryoshka` of either.
         ds_config: DeepSpeed config path or dict. Its batch-size keys are
-            fixed by the engine (see :func:`~ds_contrastive.ds_config.resolve_ds_config`).
+            fixed by the engine (see :func:`~ds_contrastive.deepspeed_config.loading.resolve_ds_config`).
         chunk_tokens: the most padded tokens one encoder forward call may
             hold (a memory cap: the planner cuts chunks where the measured time
             is least, within it).
@@ -79,7 +75,7 @@ class ContrastiveEngine:
         planner, chunk_costs: ``"fastest"`` (the chunk cuts that minimise the
             time measured on this machine, or modelled by fixed ``chunk_costs``)
             or ``"fill"`` (fill every chunk to ``chunk_tokens``, as earlier
-            versions did). See :class:`~ds_contrastive.step.CachedStep`.
+            versions did). See :class:`~ds_contrastive.core.step.CachedStep`.
         max_nonfinite_steps: a step whose loss or embedding gradient is not
             finite on some rank is skipped on every rank (no update, the LR
             schedule does not advance, the batch is consumed) and counted;
@@ -161,7 +157,7 @@ class ContrastiveEngine:
         """Validate, tokenize and plan this rank's shard for :meth:`train_step`, without touching the device.
 
         Safe to call from a background thread while a step runs, which is what
-        :func:`~ds_contrastive.prefetch.prefetched` does::
+        :func:`~ds_contrastive.core.prefetch.prefetched` does::
 
             for prepared in prefetched(engine.prepare, shards):
                 engine.train_step(prepared)
@@ -206,7 +202,7 @@ class ContrastiveEngine:
         the held-out set, where query i's only relevant document is document i.
         Every rank embeds its share with the model as it is now (eval mode: no
         dropout), so a ZeRO-3 model is never gathered on one rank; see
-        :func:`~ds_contrastive.retrieval.sharded_retrieval_metrics`. Collective;
+        :func:`~ds_contrastive.run.retrieval.sharded_retrieval_metrics`. Collective;
         the result is equal on every rank.
         """
         training = self.module.training
@@ -230,7 +226,7 @@ class ContrastiveEngine:
         and the caller's JSON ``state`` (rank 0's: data position, run ids) and
         ``rank_state`` (each rank's own). ``keep`` newest checkpoints are kept.
         A kill at any moment leaves the previous checkpoint loadable (see
-        :mod:`ds_contrastive.checkpoint`). Collective: every rank calls it.
+        :mod:`ds_contrastive.run.checkpoint`). Collective: every rank calls it.
         """
         costs = self.step.chunk_costs
         own = {"global_step": self.global_step, "skipped_steps": self.skipped_steps,

@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_
 export WANDB_MODE=${WANDB_MODE:-offline}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/ds_contrastive/torch_extensions}
 find "$TORCH_EXTENSIONS_DIR" -name lock -delete 2>/dev/null || true  # a stale build lock hangs every later run
-port=$(python -c "from ds_contrastive.distributed import free_port; print(free_port())")
+port=$(python -c "from ds_contrastive.core.runtime import free_port; print(free_port())")
 # DeepSpeed's CPU comm op leaves 69 MB per rank in RAM-backed /dev/shm; remove this run's on exit.
 trap 'rm -f /dev/shm/deepspeed_allreduce_buffer_*_"$port"_* 2>/dev/null || true' EXIT
 deepspeed --num_gpus "${NUM_RANKS:-2}" --master_port "$port" launch/train.py \

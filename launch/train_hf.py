@@ -7,7 +7,7 @@ Also under ``torchrun`` (DDP without ``--deepspeed``) and ``accelerate launch``.
 ``--help`` lists every option: the Trainer's and ds_contrastive's (model, data, loss, chunking).
 """
 
-from ds_contrastive.train_hf import main
+from ds_contrastive.hf.train_hf import main
 
 if __name__ == "__main__":
     main()

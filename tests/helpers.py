@@ -85,7 +85,7 @@ def worker_main(build, extra_args: dict[str, dict] | None = None) -> None:
     import argparse
     import json
 
-    from ds_contrastive.distributed import init_process_group, shutdown, world
+    from ds_contrastive.core.runtime import init_process_group, shutdown, world
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)

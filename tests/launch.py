@@ -9,12 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ds_contrastive.distributed import free_port
+from ds_contrastive.core.runtime import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# What an in-process one-rank group (ds_contrastive.distributed.init_process_group) leaves in this
+# What an in-process one-rank group (ds_contrastive.core.runtime.init_process_group) leaves in this
 # process's environment: a child job must not inherit it (its MASTER_PORT is bound by this process).
 PROCESS_GROUP_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 

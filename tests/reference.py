@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ds_contrastive.chunking import chunk_seed
+from ds_contrastive.core.chunks import chunk_seed
 
 
 def reference_loss(

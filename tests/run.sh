@@ -10,5 +10,5 @@ find "$TORCH_EXTENSIONS_DIR" -name lock -delete 2>/dev/null || true
 # DeepSpeed's CPU comm op never unlinks its 69 MB-per-rank buffers in RAM-backed /dev/shm; buffers
 # left by earlier runs eat the memory later jobs need (tests/launch.py removes each job's own).
 rm -f /dev/shm/deepspeed_allreduce_buffer_* 2>/dev/null || true
-timeout 600 python -c "from ds_contrastive.distributed import init_process_group; init_process_group()"
+timeout 600 python -c "from ds_contrastive.core.runtime import init_process_group; init_process_group()"
 python -m pytest -q -p no:cacheprovider tests "$@"

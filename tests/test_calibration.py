@@ -14,10 +14,10 @@ import torch
 from helpers import corpus, load_model
 
 from ds_contrastive import InfoNCE
-from ds_contrastive.backends import TorchBackend
-from ds_contrastive.calibration import Probe, calibrate, fit_nonnegative, read_cache
-from ds_contrastive.chunking import ChunkCosts, plan_fastest
-from ds_contrastive.step import CachedStep
+from ds_contrastive.core.backends import TorchBackend
+from ds_contrastive.core.calibration import Probe, calibrate, fit_nonnegative, read_cache
+from ds_contrastive.core.chunks import ChunkCosts, plan_fastest
+from ds_contrastive.core.step import CachedStep
 
 
 @pytest.fixture

@@ -16,9 +16,9 @@ from helpers import corpus, load_model, minilm_dir
 from transformers import AutoTokenizer, BertTokenizer
 
 import ds_contrastive as dc
-from ds_contrastive import checkpoint
-from ds_contrastive.batch import tokenize
-from ds_contrastive.train_config import redacted
+from ds_contrastive.core.shard import tokenize
+from ds_contrastive.run import checkpoint
+from ds_contrastive.run.config import redacted
 
 
 def engine(model_dir: Path, stage: int, **options) -> dc.ContrastiveEngine:

@@ -6,8 +6,16 @@ import time
 import numpy as np
 import pytest
 
-from ds_contrastive.chunking import (Chunk, ChunkCosts, ChunkPlan, balance_chunk_count, chunk_seed, plan_chunks,
-                                     plan_fastest, plan_fill)
+from ds_contrastive.core.chunks import (
+    Chunk,
+    ChunkCosts,
+    ChunkPlan,
+    balance_chunk_count,
+    chunk_seed,
+    plan_chunks,
+    plan_fastest,
+    plan_fill,
+)
 
 LENGTHS = [5, 30, 12, 30, 7, 60, 3, 12]
 

@@ -2,17 +2,17 @@
 
 import inspect
 import re
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import pytest
 import torch
 
 from ds_contrastive import ConfigError
-from ds_contrastive.ds_auto import format_resolved, resolve_auto, warmup_steps
-from ds_contrastive.ds_check import check_batch_keys, check_schedule, check_start, check_zero_optimizer
-from ds_contrastive.ds_config import load_ds_config, resolve_ds_config
-from ds_contrastive.ds_schema import check_ds_config, deepspeed_top_level_keys
-from ds_contrastive.train_config import TrainConfig, argument_parser, load_train_config
+from ds_contrastive.deepspeed_config.auto import format_resolved, resolve_auto, warmup_steps
+from ds_contrastive.deepspeed_config.checks import check_batch_keys, check_schedule, check_start, check_zero_optimizer
+from ds_contrastive.deepspeed_config.loading import load_ds_config, resolve_ds_config
+from ds_contrastive.deepspeed_config.schema import check_ds_config, deepspeed_top_level_keys
+from ds_contrastive.run.config import TrainConfig, argument_parser, load_train_config
 from launch import ROOT
 
 CONFIGS = sorted((ROOT / "configs/deepspeed").glob("*.json"))
@@ -183,7 +183,7 @@ def in_process_deepspeed(config, client_optimizer=True, client_scheduler=False):
     """deepspeed.initialize on a Linear in a one-rank group, as the engine calls it: (lr scheduler, engine)."""
     import deepspeed
 
-    from ds_contrastive.distributed import init_process_group
+    from ds_contrastive.core.runtime import init_process_group
 
     init_process_group()
     model = torch.nn.Linear(4, 4)
@@ -299,8 +299,10 @@ def test_help_lists_every_option_with_its_default(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         argument_parser().parse_args(["--help"])
     text = re.sub(r"\s+", "", capsys.readouterr().out)
+    described = {f.name: f"{f.metadata['help']}. " for f in fields(TrainConfig) if "help" in f.metadata}
+    assert len(described) >= 25  # the options shared with launch/train_hf.py carry their description
     for name, value in asdict(TrainConfig()).items():
-        assert re.sub(r"\s+", "", f"--{name} VALUE default: {value!r}") in text, name
+        assert re.sub(r"\s+", "", f"--{name} VALUE {described.get(name, '')}default: {value!r}") in text, name
     assert "--deepspeed_configVALUEDeepSpeedJSONconfig.default:'configs/deepspeed/zero2.json'" in text
     assert "--configVALUE" in text
 

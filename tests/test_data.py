@@ -11,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ds_contrastive.data import DataError, GlobalBatches, load_pairs
+from ds_contrastive.data.files import GlobalBatches, load_pairs
+from ds_contrastive.errors import DataError
 
 ROWS = {
     "anchor": ["what is a cat", "Ünïcode, with \"quotes\"", "multi\nline text", "NA"],
@@ -154,7 +155,7 @@ def test_invalid_utf8_names_file_and_line(tmp_path, suffix):
 
 
 def test_fewer_rows_than_one_global_batch_names_the_file(tmp_path):
-    from ds_contrastive.train import global_batches
+    from ds_contrastive.run.setup import global_batches
 
     with pytest.raises(DataError, match=r"small\.jsonl: global_batch_size=8 must be between 1 and the 3 rows"):
         global_batches({"a": ["x", "y", "z"]}, 8, 0, "data/small.jsonl")

@@ -9,9 +9,10 @@ import json
 
 import pytest
 
-from ds_contrastive.data import DataError, columns_digest
-from ds_contrastive.evaluation import Evaluation, eval_share, replace_directory
-from ds_contrastive.train_config import TrainConfig
+from ds_contrastive.data.files import columns_digest
+from ds_contrastive.errors import DataError
+from ds_contrastive.run.config import TrainConfig
+from ds_contrastive.run.evaluation import Evaluation, eval_share, replace_directory
 
 PAIRS = {"anchor": [f"q{i}" for i in range(13)], "positive": [f"d{i}" for i in range(13)]}
 

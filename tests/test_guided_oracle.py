@@ -8,11 +8,11 @@ packaged all-MiniLM-L6-v2, which shares the student's tokenizer.
 
 import pytest
 import torch
+from helpers import corpus, load_model, minilm_dir, tiny_bert_dir
 from sentence_transformers.sentence_transformer.losses import CachedGISTEmbedLoss, GISTEmbedLoss
 
 from ds_contrastive import Guide, GuidedInfoNCE
-from ds_contrastive.batch import text_hashes
-from helpers import corpus, load_model, minilm_dir, tiny_bert_dir
+from ds_contrastive.core.shard import text_hashes
 
 N, TEMPERATURE = 12, 0.05
 

@@ -7,7 +7,7 @@ from helpers import load_model
 from sentence_transformers import SentenceTransformerTrainingArguments
 
 import ds_contrastive as dc
-from ds_contrastive.hf_trainer import ContrastiveObjective, RawTextCollator
+from ds_contrastive.hf.trainer import ContrastiveObjective, RawTextCollator
 
 DATA = {"anchor": ["a question", "another question"], "positive": ["an answer", "another answer"]}
 
@@ -87,3 +87,24 @@ def test_eval_loss_is_the_objective_of_the_eval_batch(tiny_model_dir, tmp_path):
     assert abs(metrics["eval_loss"] - want) < 1e-4, (metrics, want)
     logged = trainer.state.log_history[-1]  # the objective's other metrics are logged beside eval_loss
     assert logged["eval_loss"] == metrics["eval_loss"] and 0 <= logged["eval_accuracy"] <= 1, logged
+
+
+def test_both_scripts_take_the_shared_options_with_their_descriptions(capsys, monkeypatch):
+    from dataclasses import fields
+
+    from ds_contrastive.hf.train_hf import ContrastiveArguments, parse
+    from ds_contrastive.run.config import TrainConfig, argument_parser
+    from ds_contrastive.run.options import ChunkingOptions, DataOptions, LossOptions, ModelOptions
+
+    monkeypatch.setenv("COLUMNS", "200")
+    shared = [f for group in (ModelOptions, DataOptions, LossOptions, ChunkingOptions) for f in fields(group)]
+    assert {f.name for f in shared} <= {f.name for f in fields(TrainConfig)}
+    assert {f.name for f in shared} == {f.name for f in fields(ContrastiveArguments)}
+    for parser_help in (lambda: argument_parser().parse_args(["--help"]), lambda: parse(["--help"])):
+        with pytest.raises(SystemExit):
+            parser_help()
+        text = " ".join(capsys.readouterr().out.split())
+        for f in shared:
+            assert f"--{f.name}" in text and " ".join(f.metadata["help"].split()) in text, f.name
+    args = parse(["--retain_tokens", "5000", "--chunk_costs", "0.01", "1e-6", "1e-9"])[1]
+    assert args.retain_tokens == 5000 and args.chunk_costs == [0.01, 1e-6, 1e-9]

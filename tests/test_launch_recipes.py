@@ -10,7 +10,7 @@ import subprocess
 import pytest
 from sentence_transformers import SentenceTransformer
 
-from ds_contrastive.distributed import free_port
+from ds_contrastive.core.runtime import free_port
 from launch import ROOT, job_env, wait_or_kill
 
 

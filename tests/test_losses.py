@@ -4,12 +4,12 @@ import itertools
 
 import pytest
 import torch
+from helpers import corpus, load_model
+from reference import reference_loss
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 from sentence_transformers.util import cos_sim, dot_score
 
 from ds_contrastive import InfoNCE
-from helpers import corpus, load_model
-from reference import reference_loss
 
 N, D = 12, 16
 DIRECTION_SETS = [
@@ -98,7 +98,7 @@ def test_duplicates_masked_and_scale_gradient(directions):
     texts["positive"][4] = texts["positive"][1]  # same positive text in two rows
     texts["negative_0"][8] = texts["positive"][1]  # and as someone's hard negative
     texts["anchor"][10] = texts["anchor"][3]
-    from ds_contrastive.batch import text_hashes
+    from ds_contrastive.core.shard import text_hashes
 
     columns = list(texts.values())
     hashes = text_hashes([t for col in columns for t in col]).view(3, N).T.contiguous()

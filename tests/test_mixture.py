@@ -4,12 +4,12 @@ import json
 from collections import Counter
 
 import pytest
-
 from helpers import corpus
-from launch import ROOT, run_deepspeed
 
-from ds_contrastive.data import DataError, GlobalBatches
-from ds_contrastive.mixture import MixedBatches, Source
+from ds_contrastive.data.files import GlobalBatches
+from ds_contrastive.data.mixture import MixedBatches, Source
+from ds_contrastive.errors import DataError
+from launch import ROOT, run_deepspeed
 
 
 def dataset(name: str, rows: int, negatives: int = 0) -> dict[str, list[str]]:

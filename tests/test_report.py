@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ds_contrastive.report import ReportError, collect, figures, read_records, run_steps, write_report
+from ds_contrastive.errors import ReportError
+from ds_contrastive.run.report import collect, figures, read_records, run_steps, write_report
 from launch import ROOT, job_env
 
 STEPS = list(range(1, 8))

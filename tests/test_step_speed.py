@@ -15,10 +15,10 @@ import torch
 from helpers import corpus, load_model
 
 from ds_contrastive import InfoNCE, prefetched
-from ds_contrastive.backends import TorchBackend
-from ds_contrastive.batch import Tokenized, tokenizer_settings
-from ds_contrastive.chunking import ChunkCosts
-from ds_contrastive.step import BACKWARD_SHARE, CachedStep, chunk_shapes, kept_within, parameter_bytes
+from ds_contrastive.core.backends import TorchBackend
+from ds_contrastive.core.chunks import ChunkCosts
+from ds_contrastive.core.shard import Tokenized, tokenizer_settings
+from ds_contrastive.core.step import BACKWARD_SHARE, CachedStep, chunk_shapes, kept_within, parameter_bytes
 
 CHUNK_TOKENS = 120
 COSTS = ChunkCosts(call=1e-3, token=1e-6, attention=1e-8)  # fixed: every step below plans alike

@@ -7,8 +7,8 @@ import sys
 import pytest
 from helpers import corpus
 
-from ds_contrastive.data import DataError
-from ds_contrastive.streaming import StreamingBatches
+from ds_contrastive.data.streaming import StreamingBatches
+from ds_contrastive.errors import DataError
 from launch import ROOT, run_deepspeed
 
 
@@ -96,7 +96,7 @@ def test_a_file_smaller_than_one_global_batch_is_refused(tmp_path):
 
 MEMORY_PROBE = """
 import json, resource, sys
-from ds_contrastive.streaming import StreamingBatches
+from ds_contrastive.data.streaming import StreamingBatches
 path, rows = sys.argv[1], int(sys.argv[2])
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 stream = StreamingBatches(path, ["anchor", "positive"], 4096, seed=0, window_batches=8)

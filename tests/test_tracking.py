@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from ds_contrastive.tracking import Tracker, sectioned
+from ds_contrastive.run.tracking import Tracker, sectioned
 from launch import ROOT, job_env
 
 # what ContrastiveEngine.train_step returns on rank 1 of 2 with a guided Matryoshka loss (values made up)

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from ds_contrastive import ConfigError
-from ds_contrastive.train_config import TrainConfig, argument_parser, load_train_config
+from ds_contrastive.run.config import TrainConfig, argument_parser, load_train_config
 from launch import ROOT, job_env
 
 

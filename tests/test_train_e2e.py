@@ -16,12 +16,12 @@ import re
 import deepspeed
 import pytest
 import torch
-from sentence_transformers import SentenceTransformer
-
-from ds_contrastive.retrieval import evaluate_model
 from helpers import corpus, minilm_dir
-from launch import ROOT, run_deepspeed
+from sentence_transformers import SentenceTransformer
 from wandb_offline import config, history, records, run_file
+
+from ds_contrastive.run.retrieval import evaluate_model
+from launch import ROOT, run_deepspeed
 
 STEPS = 3
 HELDOUT = 13  # split 6 + 7 over the two ranks

@@ -3,8 +3,9 @@
 from helpers import corpus, load_model, worker_main
 
 import ds_contrastive as dc
-from ds_contrastive.distributed import all_gather_objects, world
-from ds_contrastive.train import check_same_data
+from ds_contrastive.core.collectives import all_gather_objects
+from ds_contrastive.core.runtime import world
+from ds_contrastive.run.setup import check_same_data
 
 CFG = {"zero_optimization": {"stage": 2}, "gradient_clipping": 0.0}
 

@@ -5,13 +5,13 @@ noise and that the update points the same way as the exact fp32 update.
 """
 
 import torch
-
-import ds_contrastive as dc
-from ds_contrastive.distributed import all_gather_objects, world
 from exactness import MAX_LEN, SEED, flat_params, global_batch, shard_of
 from helpers import load_model, worker_main
-from reference import param_groups, zero_fill_grads, reference_embeddings, reference_loss
+from reference import param_groups, reference_embeddings, reference_loss, zero_fill_grads
 
+import ds_contrastive as dc
+from ds_contrastive.core.collectives import all_gather_objects
+from ds_contrastive.core.runtime import world
 
 LR = 1e-3
 

@@ -11,12 +11,19 @@ import sys
 
 import deepspeed
 import torch
+from helpers import corpus, load_model, minilm_dir, worker_main
+from reference import (
+    param_groups,
+    reference_embeddings,
+    reference_guide_embeddings,
+    reference_guided_loss,
+    reference_loss,
+    zero_fill_grads,
+)
 
 import ds_contrastive as dc
-from ds_contrastive.distributed import all_gather_objects, world
-from helpers import corpus, load_model, minilm_dir, worker_main
-from reference import (param_groups, zero_fill_grads, reference_embeddings, reference_guide_embeddings, reference_guided_loss,
-                       reference_loss)
+from ds_contrastive.core.collectives import all_gather_objects
+from ds_contrastive.core.runtime import world
 
 ROWS, NEGATIVES, SEED, LR, MAX_LEN = 11, 1, 7, 0.1, 64
 # (chunk_tokens, chunk_rows, retain_tokens), planned by the default planner (costs measured on this machine):

@@ -5,10 +5,10 @@ the ids the guide's tokenizer makes from the raw strings of this rank's shard.
 """
 
 import torch
+from helpers import cased_guide_dir, load_model, worker_main
 
 import ds_contrastive as dc
-from ds_contrastive.distributed import world
-from helpers import cased_guide_dir, load_model, worker_main
+from ds_contrastive.core.runtime import world
 
 TEXTS = [
     "Café au lait in Zürich", "ÉCOLE normale supérieure", "naïve Bayes for SPAM", "東京 and 大阪 by train",
@@ -28,7 +28,7 @@ def batch(step: int, rank: int) -> dict[str, list[str]]:
 
 
 def build(args) -> list[dict]:
-    from ds_contrastive.distributed import all_gather_objects
+    from ds_contrastive.core.collectives import all_gather_objects
 
     rank, _ = world()
     corpus = [t for step in range(2) for r in range(2) for col in batch(step, r).values() for t in col]

@@ -55,8 +55,9 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainingArguments
 
     import ds_contrastive as dc
-    from ds_contrastive.distributed import all_gather_objects, world
-    from ds_contrastive.guide import outside_zero3_init
+    from ds_contrastive.core.collectives import all_gather_objects
+    from ds_contrastive.core.runtime import world
+    from ds_contrastive.losses.guide_model import outside_zero3_init
 
     size = int(os.environ.get("WORLD_SIZE", "1"))
     # DeepSpeed gives a parameter without gradient (BERT's pooler under mean pooling) a zero gradient, so
@@ -179,6 +180,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    from ds_contrastive.distributed import shutdown
+    from ds_contrastive.core.runtime import shutdown
 
     shutdown()  # every rank leaves together, after rank 0's report

@@ -11,8 +11,8 @@ import signal
 
 from deepspeed.runtime.engine import DeepSpeedEngine
 
-from ds_contrastive.distributed import world
-from ds_contrastive.train import main
+from ds_contrastive.core.runtime import world
+from ds_contrastive.run.train import main
 
 target = os.environ["KILL_DURING_SAVE_OF"]
 save_checkpoint = DeepSpeedEngine.save_checkpoint

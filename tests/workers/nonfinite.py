@@ -10,7 +10,8 @@ import torch
 from helpers import corpus, load_model, worker_main
 
 import ds_contrastive as dc
-from ds_contrastive.distributed import all_gather_objects, world
+from ds_contrastive.core.collectives import all_gather_objects
+from ds_contrastive.core.runtime import world
 
 
 def params(engine) -> torch.Tensor:

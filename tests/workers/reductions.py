@@ -6,10 +6,11 @@ backward call (or the optimizer step) it happened in.
 """
 
 import deepspeed.comm.comm as ds_comm
+from helpers import corpus, load_model, worker_main
 
 import ds_contrastive as dc
-from ds_contrastive.distributed import all_gather_objects, world
-from helpers import corpus, load_model, worker_main
+from ds_contrastive.core.collectives import all_gather_objects
+from ds_contrastive.core.runtime import world
 
 REDUCING = ("all_reduce", "reduce_scatter_tensor", "reduce_scatter", "all_reduce_coalesced", "reduce",
             "inference_all_reduce", "reduce_scatter_fn")

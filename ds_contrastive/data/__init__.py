@@ -1,0 +1,1 @@
+"""Where global batches come from: data files, mixtures of datasets, streaming, the built-in stdlib pairs."""

