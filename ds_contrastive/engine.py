@@ -111,10 +111,11 @@ class ContrastiveEngine:
         self.loss = loss or InfoNCE()
         self.config = resolve_ds_config(load_ds_config(ds_config), self.world_size)
         max_length, lowercase = tokenizer_settings(model, max_length)
-        self.step = CachedStep(self.loss, model.tokenizer, max_length, lowercase, chunk_tokens, chunk_rows,
-                               anchor_column, positive_column, seed, retain_tokens, planner=planner,
-                               chunk_costs=chunk_costs, retain_memory_fraction=retain_memory_fraction,
-                               retain_memory_gb=retain_memory_gb)
+        self.step = CachedStep(
+            self.loss, model.tokenizer, max_length=max_length, lowercase=lowercase, chunk_tokens=chunk_tokens,
+            chunk_rows=chunk_rows, anchor_column=anchor_column, positive_column=positive_column, seed=seed,
+            retain_tokens=retain_tokens, planner=planner, chunk_costs=chunk_costs,
+            retain_memory_fraction=retain_memory_fraction, retain_memory_gb=retain_memory_gb)
 
         check_dims(model, self.loss)
         log_scale = self.loss.initial_log_scale() if self.loss.learnable_temperature else None

@@ -28,7 +28,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def make_step(model, **options) -> CachedStep:
-    return CachedStep(InfoNCE(), model.tokenizer, 64, False, 400, None, "anchor", "positive", 0, **options)
+    return CachedStep(InfoNCE(), model.tokenizer, max_length=64, chunk_tokens=400, **options)
 
 
 def test_fit_recovers_known_constants_and_stays_nonnegative():

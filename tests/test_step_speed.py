@@ -29,8 +29,8 @@ def gradient(model_dir, batch, retain_tokens: int | str = 0, prepare_in_thread: 
     model = load_model(model_dir)
     model.train()
     length, lowercase = tokenizer_settings(model, 64)
-    step = CachedStep(InfoNCE(temperature=0.05), model.tokenizer, length, lowercase, CHUNK_TOKENS, None,
-                      "anchor", "positive", seed=3, retain_tokens=retain_tokens, chunk_costs=COSTS, **options)
+    step = CachedStep(InfoNCE(temperature=0.05), model.tokenizer, max_length=length, lowercase=lowercase,
+                      chunk_tokens=CHUNK_TOKENS, seed=3, retain_tokens=retain_tokens, chunk_costs=COSTS, **options)
     backend = TorchBackend(model, torch.device("cpu"))
     if prepare_in_thread:
         step.calibrate(backend)  # what the engine does when it is built
@@ -86,8 +86,8 @@ def test_a_batch_prepared_under_other_settings_is_refused(tiny_model_dir):
     model = load_model(tiny_model_dir)
 
     def make(chunk_tokens: int) -> CachedStep:
-        return CachedStep(InfoNCE(), model.tokenizer, 64, False, chunk_tokens, None, "anchor", "positive", 0,
-                          chunk_costs=COSTS, retain_tokens=0)
+        return CachedStep(InfoNCE(), model.tokenizer, max_length=64, chunk_tokens=chunk_tokens, chunk_costs=COSTS,
+                          retain_tokens=0)
 
     prepared = make(120).prepare(corpus(4, seed=1))
     with pytest.raises(ValueError, match="prepared by another step"):
@@ -96,7 +96,7 @@ def test_a_batch_prepared_under_other_settings_is_refused(tiny_model_dir):
 
 def test_a_measured_planner_must_be_calibrated_before_prepare(tiny_model_dir):
     model = load_model(tiny_model_dir)
-    step = CachedStep(InfoNCE(), model.tokenizer, 64, False, 120, None, "anchor", "positive", 0)
+    step = CachedStep(InfoNCE(), model.tokenizer, max_length=64, chunk_tokens=120)
     with pytest.raises(RuntimeError, match="call calibrate"):
         step.prepare(corpus(4, seed=1))
 
@@ -104,7 +104,7 @@ def test_a_measured_planner_must_be_calibrated_before_prepare(tiny_model_dir):
 def test_negative_retain_tokens_is_refused(tiny_model_dir):
     model = load_model(tiny_model_dir)
     with pytest.raises(ValueError, match="retain_tokens must be 'auto' or an integer >= 0"):
-        CachedStep(InfoNCE(), model.tokenizer, 64, False, 100, None, "anchor", "positive", 0, retain_tokens=-1)
+        CachedStep(InfoNCE(), model.tokenizer, max_length=64, chunk_tokens=100, retain_tokens=-1)
 
 
 def test_padding_matches_a_per_row_loop():
@@ -184,8 +184,7 @@ def test_a_batch_prepared_elsewhere_is_replanned_with_this_steps_costs(tiny_mode
     batch = corpus(12, negatives=1, seed=4)
 
     def make(**options) -> CachedStep:
-        return CachedStep(InfoNCE(), model.tokenizer, 64, False, 120, None, "anchor", "positive", 0, retain_tokens=0,
-                          **options)
+        return CachedStep(InfoNCE(), model.tokenizer, max_length=64, chunk_tokens=120, retain_tokens=0, **options)
 
     elsewhere = make(planner="fill").prepare(batch)  # e.g. a data process, before any calibration
     here = make(chunk_costs=COSTS)
@@ -196,5 +195,4 @@ def test_a_batch_prepared_elsewhere_is_replanned_with_this_steps_costs(tiny_mode
     out = here.forward_backward(replanned, TorchBackend(model, torch.device("cpu")), step=0)
     assert out.plan.chunks == direct.plan.chunks
     with pytest.raises(ValueError, match="this step's tokenizer"):
-        CachedStep(InfoNCE(), model.tokenizer, 32, False, 120, None, "anchor", "positive", 0,
-                   chunk_costs=COSTS).replan(elsewhere)
+        CachedStep(InfoNCE(), model.tokenizer, max_length=32, chunk_tokens=120, chunk_costs=COSTS).replan(elsewhere)

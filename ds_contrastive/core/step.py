@@ -2,25 +2,27 @@
 
 One call of :meth:`CachedStep.forward_backward` on every rank computes, on
 each rank, the gradient of the mean loss of the *global* batch (every rank's
-shard) and leaves it, reduced once, wherever the backend keeps gradients:
+shard) and leaves it, reduced once, wherever the backend keeps gradients. The
+numbers are the README's ("How the step works") and label the phases of
+:meth:`CachedStep._run`:
 
-1. validate and tokenize this rank's raw strings; plan length-sorted chunks
-   that minimise the measured time of the two passes (:mod:`.chunking`,
-   :mod:`.calibration`); agree with the other ranks on errors, shard sizes
-   and the chunk count;
-2. pass 1: embed every chunk without grad, each under its own RNG seed;
-3. gather every rank's embeddings and text hashes (and the guide's embeddings);
-4. the loss of this rank's anchor rows against all global candidates (tiled),
+1. tokenize this rank's raw strings (after validating them) and hash them;
+2. plan length-sorted chunks that minimise the measured time of the two
+   passes (:mod:`.chunks`, :mod:`.calibration`), and agree with the other
+   ranks on errors, shard sizes and the chunk count;
+3. pass 1: embed every chunk without grad (or keep its graph, where memory
+   allows), each under its own RNG seed;
+4. gather every rank's embeddings and text hashes (and the guide's embeddings);
+5. the loss of this rank's anchor rows against all global candidates (tiled),
    and its gradient with respect to every global embedding, summed back to
    the rank that owns each embedding;
-5. pass 2: re-embed each chunk under the same seed (same dropout) and
-   back-propagate the cached gradient through ``dot(embedding, grad)``, with
-   one gradient reduction for all chunks.
+6. pass 2: re-embed each chunk under the same seed (same dropout), or take its
+   kept graph, and back-propagate the cached gradient through
+   ``dot(embedding, grad)``, with one gradient reduction for all chunks.
+7. The optimizer step is the caller's (the :class:`~ds_contrastive.ContrastiveEngine`
+   or the Hugging Face trainer).
 
-The optimizer step is the caller's (the :class:`~ds_contrastive.ContrastiveEngine`
-or the Hugging Face trainer).
-
-Why the gradient is exact: after step 4 every rank holds G_r = dL/dE_r for its
+Why the gradient is exact: after step 5 every rank holds G_r = dL/dE_r for its
 own embeddings E_r, where L is the mean loss of the whole global batch.
 Backpropagating ``W * dot(E_r(theta), G_r)`` gives ``W * dL_r/dtheta`` on rank
 r, with sum_r dL_r/dtheta = dL/dtheta; the data-parallel reduction averages
@@ -60,95 +62,6 @@ from .chunks import (
 from .collectives import all_gather_objects, gather_rows, min_over_ranks, sum_scalars, sum_to_owners
 from .runtime import world
 from .shard import Shard, Tokenized, text_hashes, to_device, tokenize, validate_shard
-
-
-def by_row(flat: torch.Tensor, rows: int) -> torch.Tensor:
-    """Column-after-column values [C * rows, ...] -> [rows, C, ...] (one row per example)."""
-    return flat.view(-1, rows, *flat.shape[1:]).transpose(0, 1).contiguous()
-
-
-def check_dims(model: object, loss: InfoNCE | Matryoshka) -> None:
-    """Refuse Matryoshka sizes larger than the model's embedding."""
-    dims = getattr(loss, "dims", ())
-    # sentence-transformers 6.2 renamed get_sentence_embedding_dimension (deprecated) to get_embedding_dimension
-    getter = getattr(model, "get_embedding_dimension", None) or getattr(model, "get_sentence_embedding_dimension", None)
-    size = getter() if getter else None
-    if size and any(d > size for d in dims):
-        raise ValueError(f"Matryoshka dims {dims} exceed the model's embedding size {size}")
-
-
-@dataclass
-class StepOutput:
-    """What one step measured, summed over ranks (``times`` are this rank's own)."""
-
-    metrics: dict[str, float]
-    scale: float
-    plan: ChunkPlan
-    global_batch_size: int
-    real_tokens: float
-    padded_tokens: float
-    times: dict[str, float]
-    kept_chunks: int = 0
-    finite: bool = True  # False: the loss or its gradient was not finite on some rank; pass 2 did not run
-    truncated: int = 0  # texts of the global batch longer than the truncation length
-    batch_digest: str = ""  # identifies the global batch's texts (every rank's, in rank order)
-
-    def report(self, seconds: float, device: torch.device) -> dict[str, float]:
-        """The loss metrics, temperature, throughput over ``seconds``, phase times and peak memory."""
-        return {
-            **self.metrics,
-            "temperature": 1.0 / self.scale,
-            "global_batch_size": float(self.global_batch_size),
-            "samples_per_second": self.global_batch_size / seconds,
-            "tokens_per_second": self.real_tokens / seconds,
-            "tokens": self.real_tokens,
-            "padding_fraction": 1.0 - self.real_tokens / self.padded_tokens,
-            "chunks": float(len(self.plan)),
-            "kept_chunks": float(self.kept_chunks),
-            "truncated_texts": float(self.truncated),
-            **self.times,
-            "peak_memory_gb": peak_memory_gb(device),
-        }
-
-
-def is_finite(result: LossResult) -> bool:
-    """Whether this rank's loss sums, logit-scale gradient and embedding gradients are all finite."""
-    values = [*result.sums.values(), result.grad_scale]
-    return all(math.isfinite(v) for v in values) and bool(torch.isfinite(result.grad).all())
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak accelerator memory of this process (CPU: peak resident set size), GiB."""
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return peak / 2**30
-
-
-@dataclass
-class Prepared:
-    """One rank's shard validated, tokenized and cut into chunks: the local half of step 1.
-
-    Built by :meth:`CachedStep.prepare`, which touches no collective and no
-    device, so the next batch can be prepared in a background thread while
-    the current step runs. A bad batch is not raised here: its ``error`` is
-    agreed on by every rank at the start of the step, which then fails on all
-    of them alike.
-    """
-
-    shard: Shard | None
-    tokens: Tokenized | None
-    plan: ChunkPlan | None
-    hashes: torch.Tensor | None
-    error: str | None
-    settings: tuple
-    digest: str = ""  # of this shard's texts, column after column
-
-
-def shard_digest(hashes: torch.Tensor) -> str:
-    """A short digest of a shard's per-text hashes ([rows, columns]): equal shards, equal digests."""
-    return hashlib.blake2b(hashes.numpy().tobytes(), digest_size=8).hexdigest()
 
 
 class CachedStep:
@@ -195,11 +108,11 @@ class CachedStep:
             largest re-run chunk are never held together (:func:`kept_within`).
     """
 
-    def __init__(self, loss: InfoNCE | Matryoshka, tokenizer: object, max_length: int, lowercase: bool,
-                 chunk_tokens: int | None, chunk_rows: int | None, anchor_column: str, positive_column: str,
-                 seed: int, retain_tokens: int | str = "auto", *, planner: str = "fastest",
-                 chunk_costs: ChunkCosts | None = None, retain_memory_fraction: float = 0.5,
-                 retain_memory_gb: float | None = None) -> None:
+    def __init__(self, loss: InfoNCE | Matryoshka, tokenizer: object, *, max_length: int, lowercase: bool = False,
+                 chunk_tokens: int | None, chunk_rows: int | None = None, anchor_column: str = "anchor",
+                 positive_column: str = "positive", seed: int = 0, retain_tokens: int | str = "auto",
+                 planner: str = "fastest", chunk_costs: ChunkCosts | None = None,
+                 retain_memory_fraction: float = 0.5, retain_memory_gb: float | None = None) -> None:
         check_limits(chunk_tokens, chunk_rows)
         check_planning(planner, chunk_costs, retain_tokens, retain_memory_fraction, retain_memory_gb)
         self.loss = loss
@@ -286,7 +199,7 @@ class CachedStep:
 
     def forward_backward(self, batch: Mapping[str, list[str]] | Prepared, backend: Backend, step: int
                          ) -> StepOutput:
-        """Steps 1-5: leave dL/dtheta of the global batch in the backend's gradients, reduced once.
+        """Steps 1-6: leave dL/dtheta of the global batch in the backend's gradients, reduced once.
 
         ``batch`` is this rank's raw shard, or that shard already passed
         through :meth:`prepare`. ``step`` (the optimizer step about to be
@@ -295,7 +208,7 @@ class CachedStep:
         return self._run(batch, backend, step, backward=True)
 
     def evaluate(self, batch: Mapping[str, list[str]] | Prepared, backend: Backend, step: int) -> StepOutput:
-        """Steps 1-4 only: the loss metrics of the global batch; no parameter gradient.
+        """Steps 1-5 only: the loss metrics of the global batch; no parameter gradient.
 
         Collective like a training step (every rank calls it with its shard).
         The encoder runs without grad; the loss still differentiates itself
@@ -304,7 +217,7 @@ class CachedStep:
         return self._run(batch, backend, step, backward=False)
 
     def embed(self, batch: Mapping[str, list[str]], backend: Backend) -> tuple[torch.Tensor, list[int]]:
-        """Step 1 and a grad-free pass 1: this rank's shard as [rows, columns, dim] fp32, and every rank's rows.
+        """Steps 1-3 without grad: this rank's shard as [rows, columns, dim] fp32, and every rank's rows.
 
         For evaluation: collective like a step (shards may differ in size;
         ZeRO-3 ranks run the same number of forwards); nothing is kept for a
@@ -319,47 +232,54 @@ class CachedStep:
 
     def _run(self, batch: Mapping[str, list[str]] | Prepared, backend: Backend, step: int, backward: bool
              ) -> StepOutput:
-        rank = world()[0]
-        t0 = time.perf_counter()
+        clock = PhaseClock()
+        # 1-2. Tokenize, hash and plan (here, or in prepare() ahead of the step); agree across ranks.
         self.calibrate(backend)  # collective, once; a Prepared batch was planned after the engine's
         prepared = batch if isinstance(batch, Prepared) else self.prepare(batch)
         plan, counts, digest = self._agree(prepared)
-        shard, tokens = prepared.shard, prepared.tokens
-        chunks = Chunks(plan, tokens, backend.device)
+        shard = prepared.shard
+        chunks = Chunks(plan, prepared.tokens, backend.device)
         kept = self._kept_count(chunks, backend) if backward else 0
-        t1 = time.perf_counter()
+        clock.lap("time_prepare")
         graphs: list[Embedded] = []
         try:  # kept graphs hold activations: never let an exception's traceback keep them alive
+            # 3. Pass 1: every chunk's embedding, no grad except the kept graphs.
             local, scale = self._pass1(backend, chunks, shard.rows, step, kept, graphs)
-            t2 = time.perf_counter()
+            clock.lap("time_pass1")
             guide = self.guide.embed(shard.flat()) if self.guide is not None else None
-            t3 = time.perf_counter()
+            clock.lap("time_guide")
 
-            offset = sum(counts[:rank])
+            # 4. Gather every rank's embeddings and text hashes (and the guide's embeddings).
             embeddings = gather_rows(local, counts)
             hashes = gather_rows(prepared.hashes.to(backend.device), counts)
             if guide is not None:
                 guide = gather_rows(by_row(guide, shard.rows), counts)
-            result = self.loss.compute(embeddings, hashes, offset, shard.rows, scale, guide)
+            # 5. This rank's loss rows against the global batch; d loss / d embedding back to the owning ranks.
+            result = self.loss.compute(embeddings, hashes, sum(counts[:world()[0]]), shard.rows, scale, guide)
             # a non-finite loss or cached gradient on any rank: every rank skips pass 2 (no parameter gradient)
             finite = min_over_ranks(int(is_finite(result)), backend.device) == 1
             grad = sum_to_owners(result.grad, counts) if backward and finite else None
-            t4 = time.perf_counter()
+            clock.lap("time_gather_loss")
+
+            # 6. Pass 2: back-propagate the cached gradient through each chunk, one reduction in all.
             if grad is not None:
                 self._pass2(backend, chunks, graphs, grad, result.grad_scale, step)
-            t5 = time.perf_counter()
+            clock.lap("time_pass2")
         finally:
             graphs.clear()
+        return self._output(result, scale, chunks, counts, kept, finite, digest, clock.times, backend.device)
 
-        n = sum(counts)
+    def _output(self, result: LossResult, scale: float, chunks: Chunks, counts: list[int], kept: int, finite: bool,
+                digest: str, times: dict[str, float], device: torch.device) -> StepOutput:
+        """The step's metrics and token counts summed over ranks (one collective)."""
         keys = sorted(result.sums)
         *sums, real, pad, truncated = sum_scalars(
-            [result.sums[k] for k in keys] + [chunks.real_tokens, chunks.padded_tokens, tokens.truncated],
-            backend.device)
-        times = {"time_prepare": t1 - t0, "time_pass1": t2 - t1, "time_guide": t3 - t2,
-                 "time_gather_loss": t4 - t3, "time_pass2": t5 - t4}
-        return StepOutput(self.loss.summarize(dict(zip(keys, sums)), n), scale, plan, n, real, pad, times, kept,
-                          finite, int(truncated), digest)
+            [result.sums[k] for k in keys] + [chunks.real_tokens, chunks.padded_tokens, chunks.tokens.truncated],
+            device)
+        n = sum(counts)
+        return StepOutput(metrics=self.loss.summarize(dict(zip(keys, sums)), n), scale=scale, plan=chunks.plan,
+                          global_batch_size=n, real_tokens=real, padded_tokens=pad, times=times, kept_chunks=kept,
+                          finite=finite, truncated=int(truncated), batch_digest=digest)
 
     def _agree(self, prepared: Prepared) -> tuple[ChunkPlan, list[int], str]:
         """Agree with every rank on errors, columns, shard sizes and the chunk count, or fail on every rank.
@@ -465,6 +385,108 @@ class CachedStep:
                     if learned is not None and c == 0:
                         surrogate = surrogate + learned * (grad_scale * size)
                     backend.backward(surrogate)
+
+
+def by_row(flat: torch.Tensor, rows: int) -> torch.Tensor:
+    """Column-after-column values [C * rows, ...] -> [rows, C, ...] (one row per example)."""
+    return flat.view(-1, rows, *flat.shape[1:]).transpose(0, 1).contiguous()
+
+
+def check_dims(model: object, loss: InfoNCE | Matryoshka) -> None:
+    """Refuse Matryoshka sizes larger than the model's embedding."""
+    dims = getattr(loss, "dims", ())
+    # sentence-transformers 6.2 renamed get_sentence_embedding_dimension (deprecated) to get_embedding_dimension
+    getter = getattr(model, "get_embedding_dimension", None) or getattr(model, "get_sentence_embedding_dimension", None)
+    size = getter() if getter else None
+    if size and any(d > size for d in dims):
+        raise ValueError(f"Matryoshka dims {dims} exceed the model's embedding size {size}")
+
+
+@dataclass
+class StepOutput:
+    """What one step measured, summed over ranks (``times`` are this rank's own)."""
+
+    metrics: dict[str, float]
+    scale: float
+    plan: ChunkPlan
+    global_batch_size: int
+    real_tokens: float
+    padded_tokens: float
+    times: dict[str, float]
+    kept_chunks: int = 0
+    finite: bool = True  # False: the loss or its gradient was not finite on some rank; pass 2 did not run
+    truncated: int = 0  # texts of the global batch longer than the truncation length
+    batch_digest: str = ""  # identifies the global batch's texts (every rank's, in rank order)
+
+    def report(self, seconds: float, device: torch.device) -> dict[str, float]:
+        """The loss metrics, temperature, throughput over ``seconds``, phase times and peak memory."""
+        return {
+            **self.metrics,
+            "temperature": 1.0 / self.scale,
+            "global_batch_size": float(self.global_batch_size),
+            "samples_per_second": self.global_batch_size / seconds,
+            "tokens_per_second": self.real_tokens / seconds,
+            "tokens": self.real_tokens,
+            "padding_fraction": 1.0 - self.real_tokens / self.padded_tokens,
+            "chunks": float(len(self.plan)),
+            "kept_chunks": float(self.kept_chunks),
+            "truncated_texts": float(self.truncated),
+            **self.times,
+            "peak_memory_gb": peak_memory_gb(device),
+        }
+
+
+class PhaseClock:
+    """Seconds spent in each phase of a step: ``lap(name)`` closes the phase that began at the last lap."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.times[name], self._last = now - self._last, now
+
+
+def is_finite(result: LossResult) -> bool:
+    """Whether this rank's loss sums, logit-scale gradient and embedding gradients are all finite."""
+    values = [*result.sums.values(), result.grad_scale]
+    return all(math.isfinite(v) for v in values) and bool(torch.isfinite(result.grad).all())
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak accelerator memory of this process (CPU: peak resident set size), GiB."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak / 2**30
+
+
+@dataclass
+class Prepared:
+    """One rank's shard validated, tokenized and cut into chunks: the local half of steps 1-2.
+
+    Built by :meth:`CachedStep.prepare`, which touches no collective and no
+    device, so the next batch can be prepared in a background thread while
+    the current step runs. A bad batch is not raised here: its ``error`` is
+    agreed on by every rank at the start of the step, which then fails on all
+    of them alike.
+    """
+
+    shard: Shard | None
+    tokens: Tokenized | None
+    plan: ChunkPlan | None
+    hashes: torch.Tensor | None
+    error: str | None
+    settings: tuple
+    digest: str = ""  # of this shard's texts, column after column
+
+
+def shard_digest(hashes: torch.Tensor) -> str:
+    """A short digest of a shard's per-text hashes ([rows, columns]): equal shards, equal digests."""
+    return hashlib.blake2b(hashes.numpy().tobytes(), digest_size=8).hexdigest()
+
 
 
 Embedded = tuple[torch.Tensor, torch.Tensor | None]

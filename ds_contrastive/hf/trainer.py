@@ -154,10 +154,11 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
         check_arguments(self.args)
         anchor, positive = columns[0][:2] if columns else ("anchor", "positive")
         length, lowercase = tokenizer_settings(model, max_length)
-        self.cached_step = CachedStep(objective, model.tokenizer, length, lowercase, chunk_tokens, chunk_rows,
-                                      anchor, positive, self.args.seed, retain_tokens, planner=planner,
-                                      chunk_costs=chunk_costs, retain_memory_fraction=retain_memory_fraction,
-                                      retain_memory_gb=retain_memory_gb)
+        self.cached_step = CachedStep(
+            objective, model.tokenizer, max_length=length, lowercase=lowercase, chunk_tokens=chunk_tokens,
+            chunk_rows=chunk_rows, anchor_column=anchor, positive_column=positive, seed=self.args.seed,
+            retain_tokens=retain_tokens, planner=planner, chunk_costs=chunk_costs,
+            retain_memory_fraction=retain_memory_fraction, retain_memory_gb=retain_memory_gb)
         if self.cached_step.guide is not None:
             self.cached_step.guide.to(self.args.device)
         self.deepspeed_grad_norm: float | None = None
