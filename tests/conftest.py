@@ -12,7 +12,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 # the chunk planner's measured costs: one cache for the session's jobs, none left in the user's home
 os.environ.setdefault("DS_CONTRASTIVE_CACHE", os.path.join(tempfile.mkdtemp(prefix="ds_contrastive_cache_"),
                                                            "calibration.json"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))  # helpers, jobs, reference, wandb_offline
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +27,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def remove_own_shm_buffers():
     """In-process one-rank process groups leave DeepSpeed's /dev/shm buffers too; remove ours at the end."""
     yield
-    from launch import remove_shm_buffers
+    from jobs import remove_shm_buffers
 
     if "MASTER_PORT" in os.environ:
         remove_shm_buffers(os.environ["MASTER_PORT"])

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from launch import run_worker
+from jobs import run_worker
 
 BATCH_CASES = {
     "empty_batch": "rank 1: empty batch",

@@ -3,7 +3,7 @@
 
 import pytest
 
-from launch import run_worker
+from jobs import run_worker
 
 
 @pytest.fixture(scope="module")

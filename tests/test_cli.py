@@ -7,7 +7,7 @@ from importlib import metadata
 
 import torch
 
-from launch import ROOT, job_env
+from jobs import ROOT, job_env
 
 SECRET = "zz-do-not-print-4711"
 

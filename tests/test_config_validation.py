@@ -13,7 +13,7 @@ from ds_contrastive.deepspeed_config.checks import check_batch_keys, check_sched
 from ds_contrastive.deepspeed_config.loading import load_ds_config, resolve_ds_config
 from ds_contrastive.deepspeed_config.schema import check_ds_config, deepspeed_top_level_keys
 from ds_contrastive.run.config import TrainConfig, argument_parser, load_train_config
-from launch import ROOT
+from jobs import ROOT
 
 CONFIGS = sorted((ROOT / "configs/deepspeed").glob("*.json"))
 QUICKSTART = load_train_config(ROOT / "configs/train/quickstart.yaml", {})

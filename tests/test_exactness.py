@@ -11,7 +11,7 @@ processes under the deepspeed launcher.
 
 import pytest
 
-from launch import run_worker
+from jobs import run_worker
 
 TOLERANCE = 1e-5
 UPDATE_TOLERANCE = 1e-4

@@ -10,7 +10,7 @@ without Matryoshka.
 
 import pytest
 
-from launch import run_worker
+from jobs import run_worker
 
 TOLERANCE = 1e-5
 UPDATE_TOLERANCE = 1e-4

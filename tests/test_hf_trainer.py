@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from launch import run_worker
+from jobs import run_worker
 
 CASES = {"zero0": ("deepspeed", 0), "zero1": ("deepspeed", 1), "zero2": ("deepspeed", 2), "zero3": ("deepspeed", 3),
          "ddp": ("torchrun", -1), "accelerate_zero2": ("accelerate", 2), "one_process": ("python", -1)}

@@ -11,7 +11,7 @@ import pytest
 from sentence_transformers import SentenceTransformer
 
 from ds_contrastive.core.runtime import free_port
-from launch import ROOT, job_env, wait_or_kill
+from jobs import ROOT, job_env, wait_or_kill
 
 
 def run_recipe(script: str, args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:

@@ -9,7 +9,7 @@ from helpers import corpus
 from ds_contrastive.data.files import GlobalBatches
 from ds_contrastive.data.mixture import MixedBatches, Source
 from ds_contrastive.errors import DataError
-from launch import ROOT, run_deepspeed
+from jobs import ROOT, run_deepspeed
 
 
 def dataset(name: str, rows: int, negatives: int = 0) -> dict[str, list[str]]:

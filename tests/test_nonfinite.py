@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from launch import run_worker
+from jobs import run_worker
 
 
 @pytest.fixture(scope="module")

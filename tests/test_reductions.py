@@ -8,7 +8,7 @@ backward call (or optimizer step) it ran in.
 
 import pytest
 
-from launch import run_worker
+from jobs import run_worker
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from PIL import Image
 
 from ds_contrastive.errors import ReportError
 from ds_contrastive.run.report import collect, figures, read_records, run_steps, write_report
-from launch import ROOT, job_env
+from jobs import ROOT, job_env
 
 STEPS = list(range(1, 8))
 SKIPPED_STEP = 4  # its grad norm is NaN

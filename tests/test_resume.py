@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from test_train_e2e import write_jsonl
 from wandb_offline import history, records
 
-from launch import LAUNCHERS, ROOT, job_env, run_deepspeed, wait_or_kill
+from jobs import LAUNCHERS, ROOT, job_env, run_deepspeed, wait_or_kill
 
 STEPS, EVERY = 10, 3
 

@@ -9,7 +9,7 @@ from helpers import corpus
 
 from ds_contrastive.data.streaming import StreamingBatches
 from ds_contrastive.errors import DataError
-from launch import ROOT, run_deepspeed
+from jobs import ROOT, run_deepspeed
 
 
 def write_jsonl(path, rows: int, bad: dict[int, bytes] | None = None):

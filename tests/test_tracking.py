@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from ds_contrastive.run.tracking import Tracker, sectioned
-from launch import ROOT, job_env
+from jobs import ROOT, job_env
 
 # what ContrastiveEngine.train_step returns on rank 1 of 2 with a guided Matryoshka loss (values made up)
 STEP = {"loss": 1.5, "accuracy": 0.25, "masked_duplicates": 2.0, "candidates_per_anchor": 30.0,

@@ -7,7 +7,7 @@ import pytest
 
 from ds_contrastive import ConfigError
 from ds_contrastive.run.config import TrainConfig, argument_parser, load_train_config
-from launch import ROOT, job_env
+from jobs import ROOT, job_env
 
 
 def write(tmp_path, text):

@@ -21,7 +21,7 @@ from sentence_transformers import SentenceTransformer
 from wandb_offline import config, history, records, run_file
 
 from ds_contrastive.run.retrieval import evaluate_model
-from launch import ROOT, run_deepspeed
+from jobs import ROOT, run_deepspeed
 
 STEPS = 3
 HELDOUT = 13  # split 6 + 7 over the two ranks

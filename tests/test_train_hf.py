@@ -15,7 +15,7 @@ from helpers import corpus, minilm_dir
 from sentence_transformers import SentenceTransformer
 from wandb_offline import history, run_file
 
-from launch import ROOT, job_env, run_deepspeed
+from jobs import ROOT, job_env, run_deepspeed
 
 STEP_KEYS = ["loss", "accuracy", "temperature", "learning_rate", "grad_norm", "samples_per_second",
              "tokens_per_second", "padding_fraction", "time_pass1", "time_guide", "time_gather_loss", "time_pass2",

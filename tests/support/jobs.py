@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ds_contrastive.core.runtime import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # What an in-process one-rank group (ds_contrastive.core.runtime.init_process_group) leaves in this
@@ -27,7 +27,7 @@ def job_env() -> dict[str, str]:
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
         WANDB_MODE=env.get("WANDB_MODE", "offline"),
-        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")]),
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests" / "support"), env.get("PYTHONPATH", "")]),
     )
     return env
 
