@@ -1,3 +1,11 @@
+"""Shared by every test: offline settings, the support code on the path, the tiny model, markers by directory.
+
+tests/unit/ runs in this process; tests/distributed/ starts multi-rank jobs
+(each worker script beside its test) and is marked ``distributed``;
+tests/support/ is the code both use (helpers, jobs, the full-batch
+reference, the W&B reader).
+"""
+
 import os
 import sys
 import tempfile
@@ -31,3 +39,10 @@ def remove_own_shm_buffers():
 
     if "MASTER_PORT" in os.environ:
         remove_shm_buffers(os.environ["MASTER_PORT"])
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test under tests/distributed/ ``distributed``: ``pytest -m "not distributed"`` skips them."""
+    for item in items:
+        if "distributed" in Path(item.path).parent.parts[-1:]:
+            item.add_marker(pytest.mark.distributed)

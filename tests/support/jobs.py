@@ -99,9 +99,9 @@ def run_deepspeed(script: str | Path, nprocs: int, args: list[str], timeout: flo
 
 def run_worker(name: str, nprocs: int, model_dir: Path, out_dir: Path, extra: list[str] = (),
                timeout: float = 600, launcher: str = "deepspeed", launcher_args: list[str] = ()) -> object:
-    """Run ``tests/workers/NAME.py`` on ``nprocs`` ranks and return the JSON report rank 0 wrote."""
+    """Run ``tests/distributed/NAME_worker.py`` on ``nprocs`` ranks and return the JSON report rank 0 wrote."""
     out = Path(out_dir) / f"{name}.json"
-    run_deepspeed(ROOT / f"tests/workers/{name}.py", nprocs,
+    run_deepspeed(ROOT / f"tests/distributed/{name}_worker.py", nprocs,
                   ["--model", str(model_dir), "--out", str(out), *extra], timeout=timeout, launcher=launcher,
                   launcher_args=launcher_args)
     return json.loads(out.read_text())

@@ -5,7 +5,7 @@ noise and that the update points the same way as the exact fp32 update.
 """
 
 import torch
-from exactness import MAX_LEN, SEED, flat_params, global_batch, shard_of
+from exactness_worker import MAX_LEN, SEED, flat_params, global_batch, shard_of
 from helpers import load_model, worker_main
 from reference import param_groups, reference_embeddings, reference_loss, zero_fill_grads
 

@@ -169,7 +169,7 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(setup):
     out = reference.parent / "killed_in_save"
     args = train_args(data, model, out)
     env = {**job_env(), "KILL_DURING_SAVE_OF": "step-00000006"}
-    proc, cmd = start(ROOT / "tests/workers/kill_during_save.py", args, env)
+    proc, cmd = start(ROOT / "tests/distributed/kill_during_save_worker.py", args, env)
     log = wait_or_kill(proc, cmd, timeout=300)
     assert proc.returncode != 0, log[-3000:]
     checkpoints = out / "checkpoints"

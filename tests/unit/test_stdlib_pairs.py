@@ -19,7 +19,7 @@ from ds_contrastive.data.stdlib_pairs import (
     write_jsonl,
 )
 
-MODULE_FILE = Path(__file__).resolve().parents[1] / "ds_contrastive" / "data" / "stdlib_pairs.py"
+MODULE_FILE = Path(__file__).resolve().parents[2] / "ds_contrastive" / "data" / "stdlib_pairs.py"
 
 
 @pytest.fixture(scope="module")

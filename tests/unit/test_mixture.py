@@ -1,15 +1,12 @@
 """Several datasets in one run: one dataset per global batch, drawn by weight, each example once per its epoch."""
 
-import json
 from collections import Counter
 
 import pytest
-from helpers import corpus
 
 from ds_contrastive.data.files import GlobalBatches
 from ds_contrastive.data.mixture import MixedBatches, Source
 from ds_contrastive.errors import DataError
-from jobs import ROOT, run_deepspeed
 
 
 def dataset(name: str, rows: int, negatives: int = 0) -> dict[str, list[str]]:
@@ -91,36 +88,3 @@ def test_bad_mixtures_are_refused():
         MixedBatches([Source("x", batches, 1.0, "q", "d"), Source("x", batches, 1.0, "q", "d")], 0)
     with pytest.raises(DataError, match="at least one"):
         MixedBatches([], 0)
-
-
-def test_launch_train_on_two_datasets_logs_each(tiny_model_dir, tmp_path):
-    """launch/train.py, 2 ranks: a 'qa' file with a hard negative and a 'nli' file with other column names."""
-    qa, nli = corpus(24, 1, seed=21), corpus(16, 0, seed=22)
-    with open(tmp_path / "qa.jsonl", "w") as f:
-        for a, p, n in zip(qa["anchor"], qa["positive"], qa["negative_0"]):
-            f.write(json.dumps({"anchor": a, "positive": p, "negative_0": n}) + "\n")
-    with open(tmp_path / "nli.jsonl", "w") as f:
-        for a, p in zip(nli["anchor"], nli["positive"]):
-            f.write(json.dumps({"premise": a, "hypothesis": p}) + "\n")
-    datasets = [{"path": str(tmp_path / "qa.jsonl"), "name": "qa", "weight": 2, "negative_columns": ["negative_0"],
-                 "query_prefix": "query: ", "document_prefix": "passage: "},
-                {"path": str(tmp_path / "nli.jsonl"), "weight": 1, "anchor_column": "premise",
-                 "positive_column": "hypothesis"}]
-    out = tmp_path / "run"
-    run_deepspeed(ROOT / "launch/train.py", 2, [
-        "--deepspeed_config", str(ROOT / "configs/deepspeed/zero2.json"), "--model", str(tiny_model_dir),
-        "--datasets", json.dumps(datasets), "--eval_data", "null", "--global_batch_size", "8",
-        "--max_steps", "6", "--chunk_tokens", "150", "--max_length", "32", "--progress_bar", "false",
-        "--output_dir", str(out)], timeout=600)
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines] == list(range(1, 7))
-    mix = MixedBatches([Source("qa", GlobalBatches(qa, 8, 42), 2.0), Source("nli", GlobalBatches(
-        {"premise": nli["anchor"], "hypothesis": nli["positive"]}, 8, 42 + 1000), 1.0, "premise", "hypothesis")], 42)
-    drawn = [mix.sources[mix.position(step)[0]].name for step in range(6)]
-    assert set(drawn) == {"qa", "nli"}  # this seed draws both within 6 steps
-    for line, name in zip(lines, drawn):  # each step logs the dataset it drew, and only that one
-        assert line[f"train/{name}/loss"] == line["train/loss"]
-        assert f"train/{'nli' if name == 'qa' else 'qa'}/loss" not in line
-        assert 0.0 <= line[f"train/{name}/accuracy"] <= 1.0
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["train_examples"] == 40 and summary["steps"] == 6
