@@ -23,11 +23,11 @@ from .core.chunks import ChunkCosts, ChunkPlan
 from .core.embedding_module import EmbeddingModule
 from .core.runtime import init_process_group, world
 from .core.shard import tokenizer_settings
-from .core.step import CachedStep, Prepared, check_dims
+from .core.step import CachedStep, Prepared
 from .deepspeed_config.loading import load_ds_config, precision, resolve_ds_config, zero_stage
 from .errors import NonFiniteLoss
 from .losses.infonce import InfoNCE
-from .losses.matryoshka import Matryoshka
+from .losses.matryoshka import Matryoshka, check_dims
 from .run import checkpoint
 from .run.retrieval import sharded_retrieval_metrics
 from .run.saving import save_consolidated

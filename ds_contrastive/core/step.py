@@ -392,16 +392,6 @@ def by_row(flat: torch.Tensor, rows: int) -> torch.Tensor:
     return flat.view(-1, rows, *flat.shape[1:]).transpose(0, 1).contiguous()
 
 
-def check_dims(model: object, loss: InfoNCE | Matryoshka) -> None:
-    """Refuse Matryoshka sizes larger than the model's embedding."""
-    dims = getattr(loss, "dims", ())
-    # sentence-transformers 6.2 renamed get_sentence_embedding_dimension (deprecated) to get_embedding_dimension
-    getter = getattr(model, "get_embedding_dimension", None) or getattr(model, "get_sentence_embedding_dimension", None)
-    size = getter() if getter else None
-    if size and any(d > size for d in dims):
-        raise ValueError(f"Matryoshka dims {dims} exceed the model's embedding size {size}")
-
-
 @dataclass
 class StepOutput:
     """What one step measured, summed over ranks (``times`` are this rank's own)."""

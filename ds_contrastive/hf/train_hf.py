@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.chunks import check_planning
 from ..core.runtime import shutdown
+from ..errors import ConfigError
 from ..run.options import ChunkingOptions, DataOptions, LossOptions, ModelOptions
 from ..run.setup import build_loss, load_eval_data, load_model, load_train_data, step_options
 
@@ -48,14 +48,12 @@ def parse(argv: list[str] | None = None):
     parser = HfArgumentParser((SentenceTransformerTrainingArguments, ContrastiveArguments))
     # Without a GPU, accelerate counts one process under the deepspeed launcher unless told the run is on CPU.
     parser.set_defaults(use_cpu=not torch.cuda.is_available(), output_dir="outputs/train_hf")
-    training_args, args = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        training_args, args = parser.parse_args_into_dataclasses(args=argv)
+    except ConfigError as e:  # the shared options' check (run/options.py)
+        parser.error(str(e))
     if args.eval_data in ("none", ""):
         args.eval_data = None
-    try:
-        check_planning(args.planner, args.chunk_costs or None, args.retain_tokens, args.retain_memory_fraction,
-                       args.retain_memory_gb)
-    except ValueError as e:
-        parser.error(str(e))
     return training_args, args
 
 

@@ -36,9 +36,9 @@ from transformers import Trainer
 from ..core.backends import Backend, DeepSpeedBackend, TorchBackend, sentence_embedding
 from ..core.chunks import ChunkCosts
 from ..core.shard import tokenizer_settings
-from ..core.step import CachedStep, check_dims
+from ..core.step import CachedStep
 from ..losses.infonce import InfoNCE
-from ..losses.matryoshka import Matryoshka
+from ..losses.matryoshka import Matryoshka, check_dims
 from ..run.checkpoint import weights_only_loads
 from ..run.saving import save_consolidated
 

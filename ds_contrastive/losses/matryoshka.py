@@ -38,6 +38,12 @@ class Matryoshka:
         if len(self.weights) != len(self.dims):
             raise ValueError(f"{len(self.dims)} dims but {len(self.weights)} weights")
 
+    def check_fits(self, size: int) -> None:
+        """Refuse sizes larger than the model's embedding (``size``)."""
+        too_large = [d for d in self.dims if d > size]
+        if too_large:
+            raise ValueError(f"Matryoshka dims {too_large} exceed the model's embedding size {size}")
+
     # The engine reads the temperature settings and the guide of the loss it wraps.
     def __getattr__(self, name: str):
         if name in ("temperature", "learnable_temperature", "max_scale", "initial_log_scale", "guide_model"):
@@ -46,9 +52,7 @@ class Matryoshka:
 
     def compute(self, embeddings: torch.Tensor, hashes: torch.Tensor, first_row: int, rows: int, scale: float,
                 guide: torch.Tensor | None = None) -> LossResult:
-        too_large = [d for d in self.dims if d > embeddings.shape[-1]]
-        if too_large:
-            raise ValueError(f"Matryoshka dims {too_large} exceed the embedding size {embeddings.shape[-1]}")
+        self.check_fits(embeddings.shape[-1])
         grad = torch.zeros_like(embeddings, dtype=torch.float32)
         grad_scale, sums = 0.0, {"loss": 0.0}
         for dim, weight in zip(self.dims, self.weights):
@@ -69,3 +73,12 @@ class Matryoshka:
         for dim, part in per_dim.items():
             metrics[f"loss@{dim}"], metrics[f"accuracy@{dim}"] = part["loss"], part["accuracy"]
         return metrics
+
+
+def check_dims(model: object, loss: InfoNCE | Matryoshka) -> None:
+    """Refuse Matryoshka sizes larger than the model's embedding, before the first step (when the model says it)."""
+    # sentence-transformers 6.2 renamed get_sentence_embedding_dimension (deprecated) to get_embedding_dimension
+    getter = getattr(model, "get_embedding_dimension", None) or getattr(model, "get_sentence_embedding_dimension", None)
+    size = getter() if getter else None
+    if size and isinstance(loss, Matryoshka):
+        loss.check_fits(size)

@@ -20,7 +20,6 @@ from typing import Any
 
 import yaml
 
-from ..core.chunks import check_planning
 from ..deepspeed_config.loading import did_you_mean
 from ..errors import ConfigError
 from .options import BUILTIN_DATA, ChunkingOptions, DataOptions, LossOptions, ModelOptions
@@ -84,11 +83,6 @@ class TrainConfig(ModelOptions, DataOptions, LossOptions, ChunkingOptions):
             raise ConfigError("set train_data or datasets, not both")
         for i, entry in enumerate(self.datasets):
             check_dataset_entry(i, entry)
-        try:
-            check_planning(self.planner, self.chunk_costs or None, self.retain_tokens, self.retain_memory_fraction,
-                           self.retain_memory_gb)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
         if self.chunk_tokens is None and self.chunk_rows is None:
             raise ConfigError("set chunk_tokens, chunk_rows, or both")
         if not 0 <= self.warmup_ratio < 1:

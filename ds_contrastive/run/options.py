@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.chunks import parse_retain
+from ..core.chunks import check_planning, parse_retain
+from ..errors import ConfigError
 
 BUILTIN_MODEL = "builtin:all-MiniLM-L6-v2"
 BUILTIN_DATA = "builtin:stdlib"
@@ -78,5 +79,10 @@ class ChunkingOptions:
     retain_memory_gb: float | None = option(None, "retain_tokens auto: this many GiB per rank instead")
 
     def __post_init__(self) -> None:
-        # Both parsers hand over text; the step takes "auto" or a number.
-        self.retain_tokens = parse_retain(self.retain_tokens)
+        """Both scripts' one check of these options, before any model loads (the step checks its own arguments)."""
+        self.retain_tokens = parse_retain(self.retain_tokens)  # both parsers hand over text
+        try:
+            check_planning(self.planner, self.chunk_costs or None, self.retain_tokens, self.retain_memory_fraction,
+                           self.retain_memory_gb)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None

@@ -313,3 +313,16 @@ def test_bucket_sizes_without_a_hidden_size_name_the_key():
                                                     "ds_contrastive cannot resolve: the model has no Hugging Face")):
         resolve_auto(config, TrainConfig(), 100, None, "x.json")
     assert resolve_auto({"zero_optimization": {"stage": 3}}, TrainConfig(), 100, None, "x.json")[1] == []
+
+
+@pytest.mark.parametrize("key,value,message", [("retain_tokens", "-5", "retain_tokens must be 'auto' or an integer"),
+                                               ("planner", "greedy", "planner"),
+                                               ("retain_memory_fraction", "1.5", "retain_memory_fraction")])
+def test_both_scripts_refuse_a_bad_chunking_option_before_loading_anything(key, value, message, capsys):
+    from ds_contrastive.hf.train_hf import parse
+
+    with pytest.raises(ConfigError, match=message):
+        load_train_config(None, {key: value})
+    with pytest.raises(SystemExit):
+        parse([f"--{key}", value])
+    assert message in capsys.readouterr().err
