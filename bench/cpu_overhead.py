@@ -77,8 +77,9 @@ def run(model_dir: str, stage: int, retain: int, rows: int, chunk_tokens: int, s
     from helpers import load_model
 
     import ds_contrastive as dc
-    from ds_contrastive.batch import tokenize, validate_shard
-    from ds_contrastive.distributed import all_gather_objects, world
+    from ds_contrastive.core.collectives import all_gather_objects
+    from ds_contrastive.core.runtime import world
+    from ds_contrastive.core.shard import tokenize, validate_shard
 
     rank, size = world()
     engine = dc.ContrastiveEngine(load_model(model_dir), dc.InfoNCE(), chunk_tokens=chunk_tokens, retain_tokens=retain,
@@ -155,7 +156,8 @@ def main() -> None:
     args = parser.parse_args()
     from helpers import tiny_bert_dir
 
-    from ds_contrastive.distributed import all_gather_objects, init_process_group, shutdown, world
+    from ds_contrastive.core.collectives import all_gather_objects
+    from ds_contrastive.core.runtime import init_process_group, shutdown, world
 
     init_process_group()
     root = Path(os.environ.get("BENCH_TMP", "/tmp/ds_contrastive_bench"))

@@ -34,7 +34,7 @@ gets the same batches, drawn from the workload's pool by a seeded RNG):
   the model's own max_seq_length (256);
 - ``longtail``: queries of U[6, 64] tokens, documents log-normal (median 90,
   sigma 0.7, clipped to [16, 512]) tokens, [CLS] and [SEP] included; each text
-  is n - 2 one-token words of MiniLM's vocabulary (bench/gpu_throughput.py's
+  is n - 2 one-token words of MiniLM's vocabulary (bench/gpu_bench/workloads.py's
   "realistic" texts, words of 3 letters or more), checked against the
   tokenizer; truncated at the model's own max_seq_length (256) on both sides,
   as a user who keeps the defaults gets (``--longtail_max_length 512`` keeps
@@ -69,7 +69,9 @@ os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARAL
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gpu_throughput import draw_lengths, git_state, log, make_texts, vocabulary  # noqa: E402
+from gpu_bench.clock import log  # noqa: E402
+from gpu_bench.environment import git_state  # noqa: E402
+from gpu_bench.workloads import draw_lengths, make_texts, vocabulary  # noqa: E402
 
 if TYPE_CHECKING:
     import torch
@@ -104,8 +106,8 @@ class Contestant(Protocol):
 
 def fresh_model(max_seq_length: int | None):
     """A new copy of the packaged MiniLM (the engine reads max_seq_length when it is built: set it first)."""
-    from ds_contrastive.train import load_model
-    from ds_contrastive.train_config import BUILTIN_MODEL
+    from ds_contrastive.run.options import BUILTIN_MODEL
+    from ds_contrastive.run.setup import load_model
 
     model = load_model(BUILTIN_MODEL)
     if max_seq_length:
@@ -117,8 +119,8 @@ def longtail_pool(rows: int, seed: int) -> Batch:
     """Long-tailed synthetic pairs whose token counts are exact, checked on a sample."""
     from transformers import AutoTokenizer
 
-    from ds_contrastive.train import resolve_model_path
-    from ds_contrastive.train_config import BUILTIN_MODEL
+    from ds_contrastive.run.options import BUILTIN_MODEL
+    from ds_contrastive.run.setup import resolve_model_path
 
     path = Path(resolve_model_path(BUILTIN_MODEL))
     words = [w for w in vocabulary(path) if len(w) >= 3]
@@ -135,7 +137,7 @@ def longtail_pool(rows: int, seed: int) -> Batch:
 def workload(name: str, largest_batch: int, seed: int, longtail_max_length: int | None
              ) -> tuple[Batch, int | None]:
     """The workload's pool of pairs and the max_seq_length both sides use (None: the model's own)."""
-    from ds_contrastive.train import builtin_split
+    from ds_contrastive.run.setup import builtin_split
 
     if name == "stdlib":
         return builtin_split("train"), None
@@ -368,8 +370,8 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     import torch
 
-    from ds_contrastive.distributed import shutdown
-    from ds_contrastive.train_config import BUILTIN_MODEL
+    from ds_contrastive.core.runtime import shutdown
+    from ds_contrastive.run.options import BUILTIN_MODEL
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
