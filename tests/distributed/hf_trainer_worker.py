@@ -49,7 +49,7 @@ def main() -> None:
                         help="DeepSpeed configured by `accelerate launch --use_deepspeed`, not by the arguments")
     args = parser.parse_args()
     from datasets import Dataset
-    from exactness import flat_params, rel
+    from exactness_worker import flat_params, rel
     from helpers import load_model
     from reference import param_groups, reference_embeddings, reference_loss, zero_fill_grads
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainingArguments
