@@ -40,9 +40,9 @@ def check_ds_config(config: dict[str, Any], source: str | Path) -> None:
     if "bfloat16" in config:
         raise ConfigError(f"{source}: 'bfloat16' is DeepSpeed's old spelling of 'bf16', which is the one ds_contrastive "
                           "reads (precision, --precision): rename it")
-    for section, model in _section_models().items():
-        if section in config:
-            _check_section(config[section], section, model, source)
+    for section in _section_models():
+        if section in config and not isinstance(config[section], dict):
+            raise ConfigError(f"{source}: {section} must be a mapping, got {config[section]!r}")
     _check_optimizer_section(config.get("optimizer"), source)
     _check_scheduler_section(config.get("scheduler"), source)
     _deepspeed_accepts(config, source)
@@ -123,18 +123,8 @@ def _section_models() -> dict[str, type[pydantic.BaseModel]]:
             "compile": CompileConfig, "comms_logger": CommsLoggerConfig}
 
 
-def _check_section(value: Any, section: str, model: type[pydantic.BaseModel], source: str | Path) -> None:
-    """Validate one section with DeepSpeed's own model (it drops top-level 'auto' values itself)."""
-    if not isinstance(value, dict):
-        raise ConfigError(f"{source}: {section} must be a mapping, got {value!r}")
-    try:
-        model(**value)
-    except pydantic.ValidationError as e:
-        raise ConfigError(f"{source}: {_readable(e.errors()[0], section, model)}") from None
-
-
 def _readable(error: Any, section: str, model: type[pydantic.BaseModel]) -> str:
-    """One pydantic error as 'section.key: what is wrong', with a guess for a misspelt key."""
+    """One pydantic error of a section as 'section.key: what is wrong', with a guess for a misspelt key."""
     where = ".".join([section, *map(str, error["loc"])])
     if error["type"] == "extra_forbidden":
         return f"unknown key {where!r}{did_you_mean(str(error['loc'][-1]), _field_names(model))}"
@@ -217,8 +207,17 @@ def _deepspeed_accepts(config: dict[str, Any], source: str | Path) -> None:
     try:
         DeepSpeedConfig(probe)
     except pydantic.ValidationError as e:
-        error = e.errors()[0]
-        raise ConfigError(f"{source}: DeepSpeed refuses it: {e.title}: {'.'.join(map(str, error['loc']))}: "
-                          f"{error['msg']}") from None
+        raise ConfigError(f"{source}: {_named(e)}") from None
     except (AssertionError, ValueError, TypeError, DeepSpeedConfigError) as e:
         raise ConfigError(f"{source}: DeepSpeed refuses it: {e}") from None
+
+
+def _named(e: pydantic.ValidationError) -> str:
+    """DeepSpeed's first validation error, named by section and key (``'auto'`` values were left out before)."""
+    error, models = e.errors()[0], _section_models()
+    by_model = {model.__name__: section for section, model in models.items()}
+    if e.title in by_model:  # a section read with its own model: the location starts inside it
+        return _readable(error, by_model[e.title], models[by_model[e.title]])
+    if error["loc"] and error["loc"][0] in models:  # the monitors, read as one model: the location names the section
+        return _readable({**error, "loc": error["loc"][1:]}, str(error["loc"][0]), models[error["loc"][0]])
+    return f"DeepSpeed refuses it: {e.title}: {'.'.join(map(str, error['loc']))}: {error['msg']}"
