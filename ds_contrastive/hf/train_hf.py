@@ -21,7 +21,7 @@ from ..run.setup import build_loss, load_eval_data, load_model, load_train_data,
 
 
 @dataclass
-class ContrastiveArguments(ModelOptions, DataOptions, LossOptions, ChunkingOptions):
+class ContrastiveArguments(ChunkingOptions, LossOptions, DataOptions, ModelOptions):  # --help: model first
     """What to train on and with which loss; the Trainer's own options come from its arguments.
 
     Every field is a shared option group of :mod:`~ds_contrastive.run.options`,

@@ -14,7 +14,7 @@ import math
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +22,13 @@ import yaml
 
 from ..deepspeed_config.loading import did_you_mean
 from ..errors import ConfigError
-from .options import BUILTIN_DATA, ChunkingOptions, DataOptions, LossOptions, ModelOptions
+from .options import BUILTIN_DATA, ChunkingOptions, DataOptions, LossOptions, ModelOptions, option
 
 EVAL_METRICS = ("recall@1", "recall@10", "mrr@10", "ndcg@10")  # what the held-out evaluation reports
 
 
 @dataclass
-class TrainConfig(ModelOptions, DataOptions, LossOptions, ChunkingOptions):
+class TrainConfig(ChunkingOptions, LossOptions, DataOptions, ModelOptions):  # --help: model, data, loss, chunking
     """What to train, on what, and how. Defaults give the built-in quickstart.
 
     The model, data, loss and chunking options come from
@@ -36,33 +36,40 @@ class TrainConfig(ModelOptions, DataOptions, LossOptions, ChunkingOptions):
     the rest are this script's own.
     """
 
-    datasets: list[dict[str, Any]] = field(default_factory=list)  # several datasets instead of train_data
-    streaming: bool = False  # read train_data (JSONL/Parquet) as a stream: memory bounded whatever its size
-    stream_window_batches: int = 16  # streaming: global batches shuffled together (memory grows with it)
-    max_bad_rows: int = 0  # streaming: bad rows each rank may skip (counted) before it stops with an error
-    eval_every_steps: int | None = None  # also evaluate every N steps (all ranks), keeping the best model in output_dir/best
-    best_metric: str = "ndcg@10"  # what picks the best model: recall@1, recall@10, mrr@10 or ndcg@10
-    global_batch_size: int = 64  # examples per optimizer step, over all ranks
-    epochs: int = 1
-    max_steps: int | None = None  # stop after this many steps (default: epochs x steps per epoch)
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1  # linear warm-up over this fraction of the steps, then linear decay to 0
-    learnable_temperature: bool = False
-    max_nonfinite_steps: int = 10  # consecutive steps with a non-finite loss (each skipped) that stop training
-    precision: str | None = None  # 'bf16' or 'fp32' overrides the DeepSpeed config's bf16 section
-    seed: int = 42
-    output_dir: str = "outputs/quickstart"
-    checkpoint_every_steps: int | None = None  # write a resumable checkpoint (output_dir/checkpoints) every N steps
-    checkpoint_every_minutes: float | None = None  # ... and/or every M minutes (all ranks' clocks agree)
-    keep_checkpoints: int = 2  # newest checkpoints kept; older ones are deleted after each save
-    resume: str | None = None  # 'auto': continue from the newest checkpoint in output_dir, if any; or a checkpoint path
-    collective_timeout_seconds: float = 1800.0  # a rank that waits this long for the others stops with an error
-    wandb: bool = False
-    wandb_project: str = "ds-contrastive"
-    wandb_run_name: str | None = None
-    wandb_tags: list[str] = field(default_factory=list)
-    progress_bar: bool = True
+    datasets: list[dict[str, Any]] = option([], "several datasets instead of train_data, each a mapping (path, name, "
+                                                "weight, columns, prefixes)")
+    streaming: bool = option(False, "read train_data (JSONL/Parquet) as a stream: memory bounded whatever its size")
+    stream_window_batches: int = option(16, "streaming: global batches shuffled together (memory grows with it)")
+    max_bad_rows: int = option(0, "streaming: bad rows each rank may skip (counted) before it stops with an error")
+    eval_every_steps: int | None = option(None, "also evaluate every N steps (all ranks), keeping the best model in "
+                                                "output_dir/best")
+    best_metric: str = option("ndcg@10", "what picks the best model: recall@1, recall@10, mrr@10 or ndcg@10")
+    global_batch_size: int = option(64, "examples per optimizer step, over all ranks")
+    epochs: int = option(1, "passes over the training data (max_steps, when set, stops earlier)")
+    max_steps: int | None = option(None, "stop after this many steps (default: epochs x steps per epoch)")
+    lr: float = option(5e-5, "peak learning rate of AdamW")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    warmup_ratio: float = option(0.1, "linear warm-up over this fraction of the steps, then linear decay to 0")
+    learnable_temperature: bool = option(False, "train the temperature (its log-scale) with the model, not below "
+                                                "min_temperature")
+    max_nonfinite_steps: int = option(10, "consecutive steps with a non-finite loss (each skipped) that stop training")
+    precision: str | None = option(None, "'bf16' or 'fp32' overrides the DeepSpeed config's bf16 section")
+    seed: int = option(42, "seed of the data order and of the dropout masks")
+    output_dir: str = option("outputs/quickstart", "where the model, metrics.jsonl, summary.json and checkpoints are "
+                                                   "written")
+    checkpoint_every_steps: int | None = option(None, "write a resumable checkpoint (output_dir/checkpoints) every N "
+                                                      "steps")
+    checkpoint_every_minutes: float | None = option(None, "write a checkpoint every M minutes too (all ranks' "
+                                                          "clocks agree)")
+    keep_checkpoints: int = option(2, "newest checkpoints kept; older ones are deleted after each save")
+    resume: str | None = option(None, "'auto': continue from the newest checkpoint in output_dir, if any; or a "
+                                      "checkpoint path")
+    collective_timeout_seconds: float = option(1800.0, "a rank that waits this long for the others stops with an error")
+    wandb: bool = option(False, "log to Weights & Biases (WANDB_MODE=offline works without a network)")
+    wandb_project: str = option("ds-contrastive", "the W&B project")
+    wandb_run_name: str | None = option(None, "the W&B run name (default: W&B's)")
+    wandb_tags: list[str] = option([], "W&B tags")
+    progress_bar: bool = option(True, "rank 0's progress bar")
 
     def check(self) -> None:
         """Reject values that cannot work, naming the key."""
@@ -210,12 +217,21 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--deepspeed_config", default="configs/deepspeed/zero2.json", metavar="VALUE",
                         help="DeepSpeed JSON config. default: %(default)r")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    defaults = TrainConfig()
+    defaults, hints = TrainConfig(), _field_types()
     for f in dataclasses.fields(TrainConfig):
-        described = f"{f.metadata['help']}. " if "help" in f.metadata else ""
         parser.add_argument(f"--{f.name}", default=None, metavar="VALUE",
-                            help=f"{described}default: {getattr(defaults, f.name)!r}")
+                            help=f"{f.metadata['help']}{list_syntax(hints[f.name])}. default: "
+                                 f"{getattr(defaults, f.name)!r}")
     return parser
+
+
+def list_syntax(hint: Any) -> str:
+    """How a list option is written on the command line (a YAML config takes YAML lists)."""
+    if hint == list[dict[str, Any]]:
+        return """ (on the command line: JSON, e.g. '[{"path": "a.jsonl", "weight": 2}]')"""
+    if typing.get_origin(hint) is list:
+        return " (on the command line: comma-separated, e.g. a,b)"
+    return ""
 
 
 SECRET_KEY = re.compile(r"(^|[_-])(api[_-]?key|apikey|token|secret|password|passwd|credentials?|(secret|private|access)"
