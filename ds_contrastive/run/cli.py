@@ -6,8 +6,8 @@ neighbours, the CUDA/NCCL build, the GPUs this process sees, and the
 environment variables that change how a run behaves (secrets left out).
 
 ``ds-contrastive report RUN_DIR`` plots a finished (or killed) run's
-``metrics.jsonl`` into ``RUN_DIR/report/index.html``: one self-contained page
-with the run's settings, a table of its main metrics and a PNG per plot.
+``metrics.jsonl`` into ``RUN_DIR/report/index.html``: one page with the run's
+settings and a table of its main metrics, and a PNG per plot beside it.
 """
 
 from __future__ import annotations

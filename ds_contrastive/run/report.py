@@ -6,8 +6,8 @@ and ``run_config.json``, when present, fill in its header (world size, wall time
 Keys are sorted into plots by pattern, so a metric added later under a known prefix (another
 ``perf/time_*`` phase, another guide term, another dataset) is drawn without a change here.
 
-The page is self-contained (no script, no external URL, images by relative path) so it can be copied
-off a cluster or attached to an issue together with its PNGs. Figures are drawn on matplotlib's Agg
+The page needs nothing outside its folder (no script, no external URL, images by relative path), so
+the ``report/`` folder can be copied off a cluster or attached to an issue as it is. Figures are drawn on matplotlib's Agg
 canvas directly, never through pyplot: the report leaves pyplot's global state (backend, open figures)
 alone, so it is safe inside a process that plots too.
 """
