@@ -73,12 +73,17 @@ def _read(path: Path, columns: list[str]) -> Located:
     )
 
 
+# How a user points the run at their file's own column names: said wherever a requested column is absent.
+COLUMN_OPTIONS = ("; name yours with anchor_column, positive_column and negative_columns (on the command line: "
+                  "--anchor_column q --positive_column d --negative_columns n1,n2)")
+
+
 def _missing_columns(path: Path, columns: list[str], available: list[str], where: str = "") -> DataError | None:
     """The error for requested columns that are absent, listing the ones that exist; None if all exist."""
     missing = [name for name in columns if name not in available]
     if not missing:
         return None
-    return DataError(f"{path}{where}: no column(s) {missing} (columns: {available})")
+    return DataError(f"{path}{where}: no column(s) {missing} (columns: {available}){COLUMN_OPTIONS}")
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:

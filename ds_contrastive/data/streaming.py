@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DataError
-from .files import JSONL_SUFFIXES, PARQUET_SUFFIXES, rank_slice, text_problem
+from .files import COLUMN_OPTIONS, JSONL_SUFFIXES, PARQUET_SUFFIXES, rank_slice, text_problem
 
 
 class StreamingBatches:
@@ -112,7 +112,8 @@ class StreamingBatches:
         reader = pq.ParquetFile(self.path)
         missing = [c for c in self.columns if c not in reader.schema_arrow.names]
         if missing:
-            raise DataError(f"{self.path}: no column(s) {missing} (columns: {reader.schema_arrow.names})")
+            raise DataError(f"{self.path}: no column(s) {missing} (columns: {reader.schema_arrow.names})"
+                            f"{COLUMN_OPTIONS}")
         row = 0
         for record_batch in reader.iter_batches(batch_size=min(self.window_rows, 65536), columns=self.columns):
             for values in record_batch.to_pylist():

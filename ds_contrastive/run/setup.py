@@ -173,3 +173,21 @@ def step_options(cfg: ChunkingOptions) -> dict[str, Any]:
             "planner": cfg.planner, "chunk_costs": ChunkCosts(*cfg.chunk_costs) if cfg.chunk_costs else None,
             "retain_tokens": cfg.retain_tokens, "retain_memory_fraction": cfg.retain_memory_fraction,
             "retain_memory_gb": cfg.retain_memory_gb}
+
+
+FEW_NEGATIVES = 32  # fewer document negatives per anchor than this is warned about
+
+
+def few_negatives_warning(cfg: TrainConfig) -> str | None:
+    """A warning when each anchor sees fewer than FEW_NEGATIVES document negatives in its global batch, else None.
+
+    Its candidates are every other positive and every hard negative of the
+    global batch; with a handful the task is easy and the model learns little.
+    """
+    columns = [len(entry.get("negative_columns", cfg.negative_columns)) for entry in cfg.datasets]
+    negatives = cfg.global_batch_size * (1 + min(columns or [len(cfg.negative_columns)])) - 1
+    if negatives >= FEW_NEGATIVES:
+        return None
+    return (f"warning: global_batch_size {cfg.global_batch_size} gives each anchor {negatives} document "
+            f"negative(s), fewer than {FEW_NEGATIVES}: a contrastive loss learns little from so few; raise "
+            "global_batch_size (the cached step keeps memory flat as it grows) or add negative_columns")

@@ -25,7 +25,15 @@ from ..engine import ContrastiveEngine
 from . import checkpoint
 from .config import TrainConfig, argument_parser, load_train_config, redacted
 from .evaluation import Evaluation
-from .setup import build_loss, hidden_size, load_batches, load_eval_data, load_model, step_options
+from .setup import (
+    build_loss,
+    few_negatives_warning,
+    hidden_size,
+    load_batches,
+    load_eval_data,
+    load_model,
+    step_options,
+)
 from .tracking import Tracker, rank_values, sectioned
 
 
@@ -147,6 +155,8 @@ def _train(cfg: TrainConfig, ds_config_path: str) -> dict[str, Any]:
     ds_config = check_start(apply_precision(load_ds_config(ds_config_path), cfg.precision), cfg, world_size,
                             ds_config_path)
     batches, examples, fingerprint = load_batches(cfg)
+    if rank == 0 and (warning := few_negatives_warning(cfg)):
+        print(warning, flush=True)
     total_steps = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
     identity = run_identity(cfg, total_steps, fingerprint)
     resume_from = find_resume(cfg)

@@ -107,6 +107,7 @@ def test_absent_column_lists_columns(tmp_path, fmt):
     with pytest.raises(DataError, match=r"no column\(s\) \['query'\].*'anchor', 'positive', 'negative'") as info:
         load_pairs(path, ["anchor", "query"])
     assert path.name in str(info.value)
+    assert "--anchor_column q --positive_column d --negative_columns n1,n2" in str(info.value)  # how to map them
 
 
 def test_jsonl_column_absent_on_a_later_line(tmp_path):

@@ -85,3 +85,18 @@ def test_help_lists_every_key_with_its_default():
         assert f"--{name}" in out
     assert "--deepspeed_config" in out and "default: 64" in " ".join(out.split())
     assert set(vars(argument_parser().parse_args([]))) >= set(vars(TrainConfig()))
+
+
+@pytest.mark.parametrize("values,negatives", [({"global_batch_size": 3}, 2),
+                                              ({"global_batch_size": 8, "negative_columns": "n"}, 15),
+                                              ({"global_batch_size": 32}, 31), ({"global_batch_size": 33}, None),
+                                              ({"global_batch_size": 17, "negative_columns": "n"}, None)])
+def test_a_global_batch_with_few_negatives_is_warned_about(values, negatives):
+    from ds_contrastive.run.setup import FEW_NEGATIVES, few_negatives_warning
+
+    warning = few_negatives_warning(load_train_config(None, values))
+    if negatives is None:
+        assert warning is None
+    else:
+        assert f"gives each anchor {negatives} document negative(s), fewer than {FEW_NEGATIVES}" in warning
+        assert "raise global_batch_size" in warning
