@@ -132,7 +132,7 @@ from pathlib import Path
 from gpu_bench import GIB, ROOT
 from gpu_bench.plan import big_batch_first, print_plan, select
 from gpu_bench.runner import Bench
-from gpu_bench.watchdog import remove_own_shm_buffers, watchdog
+from gpu_bench.watchdog import watchdog
 
 
 def retain_arg(value: str) -> int | str:
@@ -187,11 +187,7 @@ def main() -> None:
         print_plan(plan, bench.budget, bench.card)
         return
     watchdog(bench, bench.budget.seconds + args.grace)
-    try:
-        bench.run(plan)
-    finally:
-        if not bench.dev.cuda:
-            remove_own_shm_buffers()
+    bench.run(plan)
 
 
 if __name__ == "__main__":

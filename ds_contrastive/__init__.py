@@ -9,7 +9,8 @@ batches come from, ``deepspeed_config/`` the DeepSpeed config checks,
 from .core.chunks import ChunkCosts
 from .core.prefetch import prefetched
 from .engine import ContrastiveEngine
-from .errors import BatchError, CheckpointError, ConfigError, DataError, NonFiniteLoss, RankFailure, ReportError
+from .errors import (BatchError, CheckpointError, ConfigError, DataError, NonFiniteLoss, OutputDirError, RankFailure,
+                     ReportError)
 from .losses.guide_model import Guide
 from .losses.guided import GuidedInfoNCE
 from .losses.infonce import InfoNCE
@@ -17,8 +18,8 @@ from .losses.matryoshka import Matryoshka
 
 __version__ = "0.1.0"
 __all__ = ["BatchError", "CheckpointError", "ChunkCosts", "ConfigError", "ContrastiveEngine", "ContrastiveTrainer",
-           "DataError", "Guide", "GuidedInfoNCE", "InfoNCE", "Matryoshka", "NonFiniteLoss", "RankFailure",
-           "ReportError", "prefetched"]
+           "DataError", "Guide", "GuidedInfoNCE", "InfoNCE", "Matryoshka", "NonFiniteLoss", "OutputDirError",
+           "RankFailure", "ReportError", "prefetched"]
 
 
 def __getattr__(name: str) -> object:

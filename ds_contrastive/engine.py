@@ -53,7 +53,8 @@ class ContrastiveEngine:
         loss: the contrastive loss: :class:`~ds_contrastive.InfoNCE`,
             :class:`~ds_contrastive.GuidedInfoNCE` (its guide runs in pass 1,
             outside DeepSpeed) or :class:`~ds_contrastive.Matryoshka` of either.
-        ds_config: DeepSpeed config path or dict. Its batch-size keys are
+        ds_config: DeepSpeed config path, a shipped config's name (``zero0`` ..
+            ``zero3``, ``zero3_offload``) or a dict. Its batch-size keys are
             fixed by the engine (see :func:`~ds_contrastive.deepspeed_config.loading.resolve_ds_config`).
         chunk_tokens: the most padded tokens one encoder forward call may
             hold (a memory cap: the planner cuts chunks where the measured time
@@ -86,7 +87,7 @@ class ContrastiveEngine:
         self,
         model: torch.nn.Module,
         loss: InfoNCE | Matryoshka | None = None,
-        ds_config: str | Path | dict[str, Any] = "configs/deepspeed/zero2.json",
+        ds_config: str | Path | dict[str, Any] = "zero2",
         chunk_tokens: int | None = 16384,
         chunk_rows: int | None = None,
         optimizer: OptimizerFactory | None = None,

@@ -27,6 +27,10 @@ class CheckpointError(RuntimeError):
     """
 
 
+class OutputDirError(RuntimeError):
+    """An output_dir that holds another run, which a new run would overwrite; raised on every rank alike."""
+
+
 class NonFiniteLoss(RuntimeError):
     """Too many consecutive steps had a non-finite loss; raised on every rank alike."""
 

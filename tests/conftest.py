@@ -31,16 +31,6 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return tiny_bert_dir(tmp_path_factory.mktemp("models"))
 
 
-@pytest.fixture(scope="session", autouse=True)
-def remove_own_shm_buffers():
-    """In-process one-rank process groups leave DeepSpeed's /dev/shm buffers too; remove ours at the end."""
-    yield
-    from jobs import remove_shm_buffers
-
-    if "MASTER_PORT" in os.environ:
-        remove_shm_buffers(os.environ["MASTER_PORT"])
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark every test under tests/distributed/ ``distributed``: ``pytest -m "not distributed"`` skips them."""
     for item in items:

@@ -1,9 +1,8 @@
-"""Ending a run on time: the watchdog that saves the report and exits, and cleanup of DeepSpeed's /dev/shm buffers.
+"""Ending a run on time: the watchdog that saves the report and exits.
 
 The budget is checked only before each item, so an item that takes far longer than estimated
 overruns it; the watchdog fires at budget + grace (by default the whole command then ends in under 8
-minutes), writes what was measured and exits the process at once. On a CPU, DeepSpeed's
-shared-memory all-reduce leaves a buffer in /dev/shm per job, which the run removes on its way out.
+minutes), writes what was measured and exits the process at once.
 """
 
 from __future__ import annotations
@@ -11,20 +10,12 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .clock import log
 
 if TYPE_CHECKING:
     from .runner import Bench
-
-
-def remove_own_shm_buffers() -> None:
-    """On a CPU, DeepSpeed's shared-memory all-reduce leaves a /dev/shm buffer per job: remove this run's."""
-    port = os.environ.get("MASTER_PORT")
-    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*") if port else []:
-        path.unlink(missing_ok=True)
 
 
 def watchdog(bench: Bench, seconds: float) -> threading.Timer:
@@ -35,8 +26,6 @@ def watchdog(bench: Bench, seconds: float) -> threading.Timer:
             bench.report["watchdog_exit"] = True
             bench.save()
             bench.worker.stop()
-        if not bench.dev.cuda:
-            remove_own_shm_buffers()
         os._exit(3)
 
     timer = threading.Timer(seconds, fire)

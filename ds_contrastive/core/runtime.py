@@ -42,12 +42,49 @@ def init_process_group(timeout_seconds: float | None = None) -> None:
 
     if dist.is_initialized():
         return
+    skip_shm_comm_op()
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     timeout = {} if timeout_seconds is None else {"timeout": datetime.timedelta(seconds=timeout_seconds)}
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), **timeout)
+
+
+def share_cpu_threads() -> None:
+    """On a CPU-only machine, give each local rank its share of this process's cores, unless OMP_NUM_THREADS is set.
+
+    torch starts as many threads as there are cores in every rank, so N ranks
+    on one machine oversubscribe it N times (accelerate counts physical cores
+    where a container may allow fewer). Setting the variable as well keeps
+    accelerate from choosing its own count later.
+    """
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS") or torch.cuda.is_available():
+        return
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    threads = max(1, len(os.sched_getaffinity(0)) // max(1, local_ranks))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
+def skip_shm_comm_op() -> None:
+    """Keep DeepSpeed from compiling its CPU shared-memory all-reduce op when a process group starts.
+
+    On a CPU, DeepSpeed's comm backend JIT-compiles that C++ op (a compiler
+    and 20 s to 2 min on the first run; a stale build lock hangs later ones)
+    and leaves a 69 MB buffer per rank in ``/dev/shm``. Only its tensor-
+    parallel inference all-reduce uses the op; training's collectives are
+    gloo's. ``deepspeed.ops.__compatible_ops__`` is the table DeepSpeed
+    consults before building it, cached once per process. Called where a
+    process group may start: :func:`init_process_group`, and on importing
+    the Trainer integration (a Trainer's arguments start DeepSpeed's group
+    before the Trainer exists).
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def set_collective_timeout(seconds: float) -> None:

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..configs import config_file
 from ..errors import ConfigError
 
 # DeepSpeed's batch keys: the engine sets them (one micro-batch per rank, one accumulation step)
@@ -27,12 +28,10 @@ def did_you_mean(key: str, candidates: Any) -> str:
 
 
 def load_ds_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
-    """Load a DeepSpeed config from a JSON file or take a dict (copied)."""
+    """Load a DeepSpeed config from a JSON file or a shipped config's name (``zero2``), or take a dict (copied)."""
     if isinstance(source, dict):
         return copy.deepcopy(source)
-    path = Path(source)
-    if not path.is_file():
-        raise ConfigError(f"DeepSpeed config {path} does not exist")
+    path = config_file(source, "deepspeed", "DeepSpeed config")
     try:
         return json.loads(path.read_text(), object_pairs_hook=_without_duplicates)
     except json.JSONDecodeError as e:

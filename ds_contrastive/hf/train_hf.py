@@ -4,18 +4,21 @@ Every ``SentenceTransformerTrainingArguments`` option (``--deepspeed``,
 ``--per_device_train_batch_size``, ``--learning_rate``, ``--report_to``,
 ``--save_steps``, ``--resume_from_checkpoint`` ...) is parsed by
 ``HfArgumentParser``, next to :class:`ContrastiveArguments` (model, data,
-loss, chunking). ``--help`` lists both with their defaults.
+loss, chunking). ``--help`` lists both with their defaults. Without
+``--train_data`` (the built-in pairs) it runs a short demo:
+:data:`DEMO_DEFAULTS` unless given.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 
-from ..core.runtime import shutdown
-from ..errors import ConfigError
+from ..core.runtime import share_cpu_threads, shutdown, skip_shm_comm_op
+from ..run.console import clean_errors, quiet_other_ranks
 from ..run.options import ChunkingOptions, DataOptions, LossOptions, ModelOptions
 from ..run.setup import build_loss, load_eval_data, load_model, load_train_data, step_options
 
@@ -40,24 +43,44 @@ def retrieval_evaluator(pairs: dict[str, list[str]]):
         mrr_at_k=[10], ndcg_at_k=[10], map_at_k=[10], show_progress_bar=False)
 
 
+# On the built-in data, unless the command line says otherwise: a short demo (like the quickstart) rather
+# than the Trainer's 3 epochs of 8 rows per device (~470 steps on 2 CPU ranks).
+DEMO_DEFAULTS = {"max_steps": 16, "per_device_train_batch_size": 32, "max_length": 64}
+
+
 def parse(argv: list[str] | None = None):
     """(SentenceTransformerTrainingArguments, ContrastiveArguments) from the command line."""
     from sentence_transformers import SentenceTransformerTrainingArguments
     from transformers import HfArgumentParser
 
+    skip_shm_comm_op()  # the arguments start the process group (DeepSpeed's, under --deepspeed)
     parser = HfArgumentParser((SentenceTransformerTrainingArguments, ContrastiveArguments))
     # Without a GPU, accelerate counts one process under the deepspeed launcher unless told the run is on CPU.
     parser.set_defaults(use_cpu=not torch.cuda.is_available(), output_dir="outputs/train_hf")
-    try:
-        training_args, args = parser.parse_args_into_dataclasses(args=argv)
-    except ConfigError as e:  # the shared options' check (run/options.py)
-        parser.error(str(e))
+    given = sys.argv[1:] if argv is None else argv
+    if not any(arg == "--train_data" or arg.startswith("--train_data=") for arg in given):
+        parser.set_defaults(**DEMO_DEFAULTS)
+    training_args, args = parser.parse_args_into_dataclasses(args=argv)  # ConfigError: the shared options' check
     if args.eval_data in ("none", ""):
         args.eval_data = None
     return training_args, args
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Parse, load model and data, train with the Trainer, save; print held-out retrieval at the end.
+
+    A mistake in the options or the data ends the run with one ``error:``
+    line and its exit code, as ``launch/train.py`` does
+    (:mod:`~ds_contrastive.run.console`; ``DS_CONTRASTIVE_DEBUG=1`` shows the
+    traceback: the Trainer's own ``--debug`` means something else).
+    """
+    quiet_other_ranks()
+    share_cpu_threads()
+    with clean_errors():
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from datasets import Dataset
 

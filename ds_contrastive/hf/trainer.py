@@ -20,6 +20,10 @@ trainer replaces the training step instead:
 Everything else is the Trainer's: datasets, the evaluator, logging and
 ``report_to``, checkpoints, resuming, schedules, ``save_model`` (consolidated
 under ZeRO-3).
+
+Importing this module keeps DeepSpeed from compiling its CPU shared-memory
+op (:func:`~ds_contrastive.core.runtime.skip_shm_comm_op`): the training
+arguments, made before the Trainer, start DeepSpeed's process group.
 """
 
 from __future__ import annotations
@@ -35,12 +39,14 @@ from transformers import Trainer
 
 from ..core.backends import Backend, DeepSpeedBackend, TorchBackend, sentence_embedding
 from ..core.chunks import ChunkCosts
+from ..core.runtime import skip_shm_comm_op
 from ..core.shard import tokenizer_settings
 from ..core.step import CachedStep
 from ..losses.infonce import InfoNCE
 from ..losses.matryoshka import Matryoshka, check_dims
 from ..run.checkpoint import weights_only_loads
 from ..run.saving import save_consolidated
+skip_shm_comm_op()
 
 RESERVED_COLUMNS = ("label", "score", "dataset_name", "return_loss")
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from ..configs import config_file, shipped_names
 from ..deepspeed_config.loading import did_you_mean
 from ..errors import ConfigError
 from .options import BUILTIN_DATA, ChunkingOptions, DataOptions, LossOptions, ModelOptions, option
@@ -56,7 +57,9 @@ class TrainConfig(ChunkingOptions, LossOptions, DataOptions, ModelOptions):  # -
     precision: str | None = option(None, "'bf16' or 'fp32' overrides the DeepSpeed config's bf16 section")
     seed: int = option(42, "seed of the data order and of the dropout masks")
     output_dir: str = option("outputs/quickstart", "where the model, metrics.jsonl, summary.json and checkpoints are "
-                                                   "written")
+                                                   "written (one holding another run is refused)")
+    overwrite_output_dir: bool = option(False, "replace the run already in output_dir: its model, metrics, "
+                                               "checkpoints and report are removed first")
     checkpoint_every_steps: int | None = option(None, "write a resumable checkpoint (output_dir/checkpoints) every N "
                                                       "steps")
     checkpoint_every_minutes: float | None = option(None, "write a checkpoint every M minutes too (all ranks' "
@@ -73,11 +76,11 @@ class TrainConfig(ChunkingOptions, LossOptions, DataOptions, ModelOptions):  # -
 
     def check(self) -> None:
         """Reject values that cannot work, naming the key."""
-        positive = ("global_batch_size", "epochs", "eval_pairs", "max_nonfinite_steps")
+        positive = ("global_batch_size", "epochs", "max_nonfinite_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "max_train_examples", "chunk_tokens", "chunk_rows", "max_length"):
+        for name in ("max_steps", "max_train_examples", "eval_pairs", "chunk_tokens", "chunk_rows", "max_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1 or null, got {value}")
@@ -113,6 +116,8 @@ class TrainConfig(ChunkingOptions, LossOptions, DataOptions, ModelOptions):  # -
             raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.resume is not None and not self.resume.strip():
             raise ConfigError("resume must be 'auto', a checkpoint directory, or null")
+        if self.resume is not None and self.overwrite_output_dir:
+            raise ConfigError("resume continues the run in output_dir and overwrite_output_dir replaces it: set one")
 
 
 DATASET_KEYS: dict[str, Any] = {
@@ -192,9 +197,7 @@ def load_train_config(path: str | Path | None, overrides: dict[str, Any]) -> Tra
     """The YAML file's values (if any), then the command-line ``overrides`` on top."""
     values: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"training config {path} does not exist")
+        path = config_file(path, "train", "training config")
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"training config {path} must be a mapping of keys to values")
@@ -209,13 +212,24 @@ def load_train_config(path: str | Path | None, overrides: dict[str, Any]) -> Tra
     return config
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises a ConfigError for a bad command line (printed once, not once per rank)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{message} (--help lists the options)")
+
+
 def argument_parser() -> argparse.ArgumentParser:
-    """``--config``, ``--deepspeed_config`` and one ``--KEY`` per TrainConfig field."""
-    parser = argparse.ArgumentParser(description="Contrastive training of a text embedder on DeepSpeed.")
+    """``--config``, ``--deepspeed_config``, ``--debug`` and one ``--KEY`` per TrainConfig field."""
+    parser = _Parser(description="Contrastive training of a text embedder on DeepSpeed.")
     parser.add_argument("--config", metavar="VALUE",
-                        help="training config (YAML); command-line keys override it. default: None")
-    parser.add_argument("--deepspeed_config", default="configs/deepspeed/zero2.json", metavar="VALUE",
-                        help="DeepSpeed JSON config. default: %(default)r")
+                        help="training config: a YAML file, or the name of a shipped one "
+                             f"({', '.join(shipped_names('train'))}); command-line keys override it. default: None")
+    parser.add_argument("--deepspeed_config", default="zero2", metavar="VALUE",
+                        help="DeepSpeed config: a JSON file, or the name of a shipped one "
+                             f"({', '.join(shipped_names('deepspeed'))}). default: %(default)r")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error, not only its message (also: DS_CONTRASTIVE_DEBUG=1)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     defaults, hints = TrainConfig(), _field_types()
     for f in dataclasses.fields(TrainConfig):

@@ -38,7 +38,7 @@ class DataOptions:
                                            "pairs")
     eval_data: str | None = option(BUILTIN_DATA, "held-out (anchor, positive) pairs for retrieval metrics; "
                                                  "null/none: none")
-    eval_pairs: int = option(300, "most held-out pairs evaluated")
+    eval_pairs: int | None = option(None, "evaluate only the first N held-out pairs (default: all)")
     anchor_column: str = option("anchor", "the anchor (query) column")
     positive_column: str = option("positive", "the positive (document) column")
     negative_columns: list[str] = option([], "hard-negative columns")

@@ -13,9 +13,15 @@ from typing import Any
 
 import torch
 
-from ..core.collectives import all_gather_objects
 from ..core.prefetch import prefetched
-from ..core.runtime import collective_failures, init_process_group, set_collective_timeout, shutdown, world
+from ..core.runtime import (
+    collective_failures,
+    init_process_group,
+    set_collective_timeout,
+    share_cpu_threads,
+    shutdown,
+    world,
+)
 from ..data.mixture import MixedBatches, by_role
 from ..data.streaming import StreamingBatches
 from ..deepspeed_config.auto import format_resolved, resolve_auto, warmup_steps
@@ -24,7 +30,9 @@ from ..deepspeed_config.loading import load_ds_config
 from ..engine import ContrastiveEngine
 from . import checkpoint
 from .config import TrainConfig, argument_parser, load_train_config, redacted
+from .console import clean_errors, quiet_other_ranks
 from .evaluation import Evaluation
+from .output_dir import SUMMARY, checkpoint_root, claimed, model_files
 from .setup import (
     build_loss,
     few_negatives_warning,
@@ -53,38 +61,6 @@ def apply_precision(ds_config: dict[str, Any], precision: str | None) -> dict[st
     if precision is not None:
         ds_config["bf16"] = {**ds_config.get("bf16", {}), "enabled": precision == "bf16"}
     return ds_config
-
-
-def checkpoint_root(cfg: TrainConfig) -> Path:
-    return Path(cfg.output_dir) / "checkpoints"
-
-
-def find_resume(cfg: TrainConfig) -> Path | None:
-    """The checkpoint to continue from (rank 0's view, shared with every rank), or None for a fresh start.
-
-    Starting afresh where checkpoints exist is refused: the run would
-    overwrite and prune them.
-    """
-    error, found = None, None
-    if world()[0] == 0:
-        newest = checkpoint.newest_checkpoint(checkpoint_root(cfg))
-        if cfg.resume is None and newest is not None:
-            error = (f"{checkpoint_root(cfg)} holds checkpoints (newest: {newest.name}) that a new run would "
-                     "overwrite: pass --resume auto to continue that run, or choose another output_dir")
-        elif cfg.resume == "auto":
-            found = newest
-        elif cfg.resume is not None:
-            given = Path(cfg.resume)
-            found = given if (given / checkpoint.STATE_FILE).is_file() else checkpoint.newest_checkpoint(given)
-            if found is None:
-                error = f"resume={cfg.resume!r} is neither a checkpoint nor a directory of checkpoints"
-            elif newest is not None and found.resolve() != newest.resolve():
-                error = (f"{checkpoint_root(cfg)} already holds {newest.name}, which resuming from {found} would "
-                         "overwrite or mix with: move those checkpoints away, or resume from the newest")
-    (error, found), *_ = all_gather_objects((error, found))
-    if error:
-        raise checkpoint.CheckpointError(error)
-    return found
 
 
 def run_identity(cfg: TrainConfig, total_steps: int, fingerprint: str) -> dict[str, Any]:
@@ -140,16 +116,15 @@ def train(cfg: TrainConfig, ds_config_path: str) -> dict[str, Any]:
     hint = (f"Continue from the newest checkpoint in {checkpoint_root(cfg)} with --resume auto. "
             if cfg.checkpoint_every_steps or cfg.checkpoint_every_minutes else "")
     with collective_failures(cfg.collective_timeout_seconds, hint):
-        summary = _train(cfg, ds_config_path)
-    summary["wall_seconds"] = time.perf_counter() - started
+        summary = _train(cfg, ds_config_path, started)
     if world()[0] == 0:
-        (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"saved {cfg.output_dir} after {summary['steps']} steps in {summary['wall_seconds']:.0f} s", flush=True)
     shutdown()
     return summary
 
 
-def _train(cfg: TrainConfig, ds_config_path: str) -> dict[str, Any]:
+def _train(cfg: TrainConfig, ds_config_path: str, started: float) -> dict[str, Any]:
+    """Check the configs and read the data, then train in an output_dir this run holds; write summary.json."""
     rank, world_size = world()
     # the DeepSpeed config against the training config, before any data or model loads
     ds_config = check_start(apply_precision(load_ds_config(ds_config_path), cfg.precision), cfg, world_size,
@@ -157,9 +132,21 @@ def _train(cfg: TrainConfig, ds_config_path: str) -> dict[str, Any]:
     batches, examples, fingerprint = load_batches(cfg)
     if rank == 0 and (warning := few_negatives_warning(cfg)):
         print(warning, flush=True)
+    with claimed(cfg) as (resume_from, since):
+        summary = _run(cfg, ds_config, ds_config_path, batches, examples, fingerprint, resume_from)
+        summary["wall_seconds"] = time.perf_counter() - started
+        if rank == 0:
+            summary["model_files"] = model_files(Path(cfg.output_dir), since)
+            (Path(cfg.output_dir) / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _run(cfg: TrainConfig, ds_config: dict[str, Any], ds_config_path: str, batches: MixedBatches | StreamingBatches,
+         examples: int | None, fingerprint: str, resume_from: Path | None) -> dict[str, Any]:
+    """The run itself: model, engine, evaluation, the steps (with checkpoints), the saved model."""
+    rank, world_size = world()
     total_steps = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
     identity = run_identity(cfg, total_steps, fingerprint)
-    resume_from = find_resume(cfg)
     eval_pairs = load_eval_data(cfg)
     model = load_model(cfg.model)
     ds_config, resolved = resolve_auto(ds_config, cfg, total_steps, hidden_size(model), ds_config_path)
@@ -260,8 +247,18 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = argument_parser().parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "deepspeed_config", "local_rank")}
-    cfg = load_train_config(args.config, overrides)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    train(cfg, args.deepspeed_config)
+    """``launch/train.py`` and ``deepspeed --module ds_contrastive.train``: parse, load the configs, train.
+
+    A mistake in the configs, the data or the output_dir ends the run with one
+    ``error:`` line and its exit code (:mod:`~ds_contrastive.run.console`).
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    quiet_other_ranks()
+    share_cpu_threads()
+    with clean_errors(debug="--debug" in argv):
+        args = argument_parser().parse_args(argv)
+        overrides = {k: v for k, v in vars(args).items() if k not in ("config", "deepspeed_config", "debug",
+                                                                       "local_rank")}
+        cfg = load_train_config(args.config, overrides)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        train(cfg, args.deepspeed_config)

@@ -55,6 +55,7 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainingArguments
 
     import ds_contrastive as dc
+    from ds_contrastive import ContrastiveTrainer  # before the arguments, as a script imports it
     from ds_contrastive.core.collectives import all_gather_objects
     from ds_contrastive.core.runtime import world
     from ds_contrastive.losses.guide_model import outside_zero3_init
@@ -88,7 +89,7 @@ def main() -> None:
         reductions[-1] += 1
         return torch.distributed.algorithms.ddp_comm_hooks.default_hooks.allreduce_hook(None, bucket)
 
-    class Recording(dc.ContrastiveTrainer):
+    class Recording(ContrastiveTrainer):
         """Keeps the shard each training step received; under DDP counts reductions per chunk."""
 
         shards: ClassVar[list[dict[str, list[str]]]] = []

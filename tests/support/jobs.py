@@ -32,26 +32,6 @@ def job_env() -> dict[str, str]:
     return env
 
 
-SHM = Path("/dev/shm")
-
-
-def remove_shm_buffers(port: str) -> None:
-    """Delete the shared-memory buffers DeepSpeed's CPU comm op left for the job on ``port``.
-
-    DeepSpeed never unlinks them (69 MB per rank and port, in RAM-backed /dev/shm): a test suite of
-    a hundred jobs would otherwise leave gigabytes behind and later jobs abort for lack of memory.
-    """
-    for path in SHM.glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-        path.unlink(missing_ok=True)
-
-
-def master_port(cmd: list[str]) -> str | None:
-    for flag in ("--master_port", "--main_process_port"):
-        if flag in cmd:
-            return cmd[cmd.index(flag) + 1]
-    return None
-
-
 LAUNCHERS = {
     "python": lambda n: [sys.executable],  # one process, no launcher
     "deepspeed": lambda n: [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n),
@@ -64,21 +44,14 @@ LAUNCHERS = {
 }
 
 
-def wait_or_kill(proc: subprocess.Popen, cmd: list[str], timeout: float, port: str | None = None) -> str:
-    """The output of ``proc`` (started with ``start_new_session``); past ``timeout`` kill its whole group and fail.
-
-    The shared-memory buffers of the job's port (``port``, or the one in ``cmd``) are removed either way.
-    """
+def wait_or_kill(proc: subprocess.Popen, cmd: list[str], timeout: float) -> str:
+    """The output of ``proc`` (started with ``start_new_session``); past ``timeout`` kill its whole group and fail."""
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank it started
         out, _ = proc.communicate()
         raise AssertionError(f"{' '.join(map(str, cmd))} ran past {timeout}s:\n{out[-8000:]}") from None
-    finally:
-        port = port or master_port(cmd)
-        if port:
-            remove_shm_buffers(port)
     return out
 
 
