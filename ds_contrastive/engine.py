@@ -30,7 +30,7 @@ from .losses.infonce import InfoNCE
 from .losses.matryoshka import Matryoshka, check_dims
 from .run import checkpoint
 from .run.retrieval import sharded_retrieval_metrics
-from .run.saving import save_consolidated
+from .run.saving import merged_adapters, save_consolidated
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -273,7 +273,7 @@ class ContrastiveEngine:
     # --- saving ---------------------------------------------------------------------
 
     def save(self, path: str | Path) -> None:
-        """Write the model so that ``SentenceTransformer(path)`` loads it (ZeRO-3: consolidated).
+        """Write the model so that ``SentenceTransformer(path)`` loads it (ZeRO-3: consolidated; LoRA: merged).
 
         Collective: every rank must call it. Rank 0 writes; a failure there is raised on every rank.
         Under ZeRO-3 every rank gathers the full parameters for the duration of the save.
@@ -282,7 +282,8 @@ class ContrastiveEngine:
         info = {"temperature": self.temperature(), "global_step": self.global_step}  # collective under ZeRO-3
 
         def write() -> None:
-            self.module.model.save(str(path))
+            with merged_adapters(self.module.model):  # LoRA: a merged model, which loads without peft
+                self.module.model.save(str(path))
             (path / "ds_contrastive.json").write_text(json.dumps(info, indent=2) + "\n")
 
         save_consolidated(list(self.module.parameters()), self.zero_stage == 3, self.rank == 0, write,

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import torch
 
 from ..core.runtime import share_cpu_threads, shutdown, skip_shm_comm_op
+from ..run.config import RefusingParser
 from ..run.console import clean_errors, quiet_other_ranks
 from ..run.options import ChunkingOptions, DataOptions, LossOptions, ModelOptions
-from ..run.setup import build_loss, load_eval_data, load_model, load_train_data, step_options
+from ..run.setup import add_lora, build_loss, load_eval_data, load_model, load_train_data, step_options
 
 
 @dataclass
@@ -53,14 +54,20 @@ def parse(argv: list[str] | None = None):
     from sentence_transformers import SentenceTransformerTrainingArguments
     from transformers import HfArgumentParser
 
+    class Parser(RefusingParser, HfArgumentParser):
+        pass
+
     skip_shm_comm_op()  # the arguments start the process group (DeepSpeed's, under --deepspeed)
-    parser = HfArgumentParser((SentenceTransformerTrainingArguments, ContrastiveArguments))
+    parser = Parser((SentenceTransformerTrainingArguments, ContrastiveArguments))
     # Without a GPU, accelerate counts one process under the deepspeed launcher unless told the run is on CPU.
     parser.set_defaults(use_cpu=not torch.cuda.is_available(), output_dir="outputs/train_hf")
     given = sys.argv[1:] if argv is None else argv
     if not any(arg == "--train_data" or arg.startswith("--train_data=") for arg in given):
         parser.set_defaults(**DEMO_DEFAULTS)
-    training_args, args = parser.parse_args_into_dataclasses(args=argv)  # ConfigError: the shared options' check
+    # ConfigError: the shared options' check, or a bad command line
+    training_args, args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.eval_data in ("none", ""):
         args.eval_data = None
     return training_args, args
@@ -90,6 +97,7 @@ def _main(argv: list[str] | None) -> None:
     data = load_train_data(args)
     eval_pairs = load_eval_data(args)
     model = load_model(args.model)
+    add_lora(model, args, training_args.seed)
     trainer = ContrastiveTrainer(
         model=model, args=training_args, train_dataset=Dataset.from_dict(data), loss=build_loss(args),
         evaluator=retrieval_evaluator(eval_pairs) if eval_pairs else None, **step_options(args))

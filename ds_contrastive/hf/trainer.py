@@ -28,6 +28,7 @@ arguments, made before the Trainer, start DeepSpeed's process group.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Any
@@ -45,7 +46,8 @@ from ..core.step import CachedStep
 from ..losses.infonce import InfoNCE
 from ..losses.matryoshka import Matryoshka, check_dims
 from ..run.checkpoint import weights_only_loads
-from ..run.saving import save_consolidated
+from ..run.saving import merged_adapters, save_consolidated
+
 skip_shm_comm_op()
 
 RESERVED_COLUMNS = ("label", "score", "dataset_name", "return_loss")
@@ -250,12 +252,20 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
         would save each rank's empty parameter slices, under DDP every rank
         would rewrite the same files at once. Here the parameters are gathered
         (ZeRO-3) for the write, only the saving rank writes, and its failure
-        is raised on every rank.
+        is raised on every rank. LoRA adapters are merged into the saved
+        model, except in the Trainer's checkpoints.
         """
         output_dir = output_dir or self.args.output_dir
         params = list(self.model.parameters())
         zero3 = any(hasattr(p, "ds_id") for p in params)  # also a model partitioned at load, before any engine
-        save_consolidated(params, zero3, self.args.should_save, lambda: self._save(output_dir), output_dir, self.model)
+        # the final model merges LoRA adapters (it loads without peft); a checkpoint keeps them, to resume from
+        merged = contextlib.nullcontext() if _internal_call else merged_adapters(self.model)
+
+        def write() -> None:
+            with merged:
+                self._save(output_dir)
+
+        save_consolidated(params, zero3, self.args.should_save, write, output_dir, self.model)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 

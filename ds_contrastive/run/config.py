@@ -73,6 +73,8 @@ class TrainConfig(ChunkingOptions, LossOptions, DataOptions, ModelOptions):  # -
     wandb_run_name: str | None = option(None, "the W&B run name (default: W&B's)")
     wandb_tags: list[str] = option([], "W&B tags")
     progress_bar: bool = option(True, "rank 0's progress bar")
+    gradient_checkpointing: bool = option(False, "recompute each layer's activations in the backward (non-reentrant, "
+                                                 "same dropout masks): less memory per chunk, the same gradients")
 
     def check(self) -> None:
         """Reject values that cannot work, naming the key."""
@@ -212,11 +214,15 @@ def load_train_config(path: str | Path | None, overrides: dict[str, Any]) -> Tra
     return config
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises a ConfigError for a bad command line (printed once, not once per rank)."""
+class RefusingParser:
+    """An argparse parser mixin: a bad command line raises a ConfigError (printed once, not once per rank)."""
 
     def error(self, message: str) -> typing.NoReturn:
         raise ConfigError(f"{message} (--help lists the options)")
+
+
+class _Parser(RefusingParser, argparse.ArgumentParser):
+    pass
 
 
 def argument_parser() -> argparse.ArgumentParser:

@@ -30,6 +30,13 @@ def option(default: Any, help: str) -> Any:
 @dataclass
 class ModelOptions:
     model: str = option(BUILTIN_MODEL, "a SentenceTransformer directory, or the packaged all-MiniLM-L6-v2")
+    lora_rank: int | None = option(None, "train LoRA adapters of this rank (peft) instead of every weight; the saved "
+                                         "model has them merged")
+    lora_alpha: float = option(16.0, "LoRA: each update is scaled by lora_alpha / lora_rank")
+    lora_dropout: float = option(0.0, "LoRA: dropout on each adapted layer's input")
+    lora_target_modules: list[str] = option(["q_proj", "k_proj", "v_proj", "o_proj"],
+                                            "LoRA: the Linear modules adapted, by name (decoder LLMs' attention "
+                                            "projections; BERT's are query, key, value)")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Writing a model whose parameters ZeRO-3 has partitioned, without leaving any rank waiting."""
+"""Writing a model: parameters ZeRO-3 has partitioned, without leaving any rank waiting; LoRA adapters merged."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from ..core.collectives import first_error
+from ..errors import ConfigError
 
 
 def save_consolidated(params: list[torch.nn.Parameter], zero3: bool, writer: bool, write: Callable[[], None],
@@ -54,3 +55,64 @@ def no_card_inference(model: object) -> Iterator[None]:
         yield
     finally:
         card.generate_widget_examples = before
+
+
+def lora_layers(module: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """(parent, attribute name, layer) of every peft LoRA layer inside ``module``."""
+    return [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()
+            if hasattr(child, "lora_A") and hasattr(child, "get_base_layer")]
+
+
+def merged_linear(layer: torch.nn.Module) -> torch.nn.Linear:
+    """A plain ``nn.Linear`` holding a LoRA layer's base weight plus its active adapters' B·A·scaling (a copy)."""
+    base = layer.get_base_layer()
+    if type(base) is not torch.nn.Linear:
+        raise ConfigError(f"cannot save a merged model: LoRA on a {type(base).__name__} layer (only nn.Linear is "
+                          "merged); target Linear modules only")
+    active = [] if layer.disable_adapters else [a for a in layer.active_adapters if a in layer.lora_A]
+    if any(layer.use_dora.get(a, False) for a in active):
+        raise ConfigError("cannot save a merged model: DoRA adapters are not merged by ds_contrastive")
+    weight = base.weight.detach().clone()
+    for adapter in active:
+        if adapter not in layer.merged_adapters:  # a merged adapter is in the base weight already
+            weight += layer.get_delta_weight(adapter).detach().to(weight.dtype)
+    merged = torch.nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=weight.device,
+                             dtype=weight.dtype)
+    with torch.no_grad():
+        merged.weight.copy_(weight)
+        if base.bias is not None:
+            merged.bias.copy_(base.bias)
+    return merged
+
+
+@contextlib.contextmanager
+def merged_adapters(model: torch.nn.Module) -> Iterator[None]:
+    """Inside, ``model`` (a SentenceTransformer) is a plain model whose LoRA adapters are merged into its weights.
+
+    A model wrapped with peft saves wrong otherwise: with the LoRA layers
+    injected in place (``get_peft_model(model[0].auto_model, ...)``)
+    transformers writes ``q_proj.base_layer.weight`` and ``lora_A`` keys,
+    which ``SentenceTransformer(path)`` loads as a base model with those
+    layers randomly initialised (a warning only); with a PeftModel as the
+    module's model (``model[0].model = get_peft_model(...)``) it writes the
+    adapter alone. Here each PeftModel is replaced by its base model and
+    each LoRA layer by a plain Linear holding base + B·A·scaling, so the
+    saved model loads without peft. Everything is put back on the way out;
+    the trained parameters are never modified. Under ZeRO-3 call it with the
+    parameters gathered (inside :func:`save_consolidated`).
+    """
+    unwrapped = [(module, module.model) for module in model.modules()
+                 if hasattr(getattr(module, "model", None), "get_base_model")]  # a PeftModel as the module's model
+    for module, peft_model in unwrapped:
+        module.model = peft_model.get_base_model()
+    swapped = []
+    try:
+        for parent, name, layer in lora_layers(model):
+            setattr(parent, name, merged_linear(layer))
+            swapped.append((parent, name, layer))
+        yield
+    finally:
+        for parent, name, layer in swapped:
+            setattr(parent, name, layer)
+        for module, peft_model in unwrapped:
+            module.model = peft_model

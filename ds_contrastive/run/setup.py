@@ -12,17 +12,19 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..core.chunks import ChunkCosts
 from ..core.collectives import all_gather_objects
 from ..data.files import GlobalBatches, columns_digest, load_pairs
 from ..data.mixture import MixedBatches, Source
 from ..data.streaming import StreamingBatches
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..losses.guided import GuidedInfoNCE
 from ..losses.infonce import InfoNCE
 from ..losses.matryoshka import Matryoshka
 from .config import TrainConfig
-from .options import BUILTIN_DATA, BUILTIN_MODEL, ChunkingOptions, DataOptions, LossOptions
+from .options import BUILTIN_DATA, BUILTIN_MODEL, ChunkingOptions, DataOptions, LossOptions, ModelOptions
 
 
 def resolve_model_path(name: str) -> str:
@@ -37,6 +39,45 @@ def load_model(name: str):
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(resolve_model_path(name), device="cpu", trust_remote_code=False)
+
+
+def add_lora(model, options: ModelOptions, seed: int) -> None:
+    """Inject LoRA adapters into the model's transformer in place (peft) when ``options.lora_rank`` is set.
+
+    Only the adapters then train: peft freezes the base weights, and the
+    engine's optimizer takes trainable parameters only. ``seed`` makes every
+    rank draw the same adapter initialisation. The saved model is merged
+    (:func:`~ds_contrastive.run.saving.merged_adapters`).
+    """
+    if options.lora_rank is None:
+        return
+    if options.lora_rank < 1 or options.lora_alpha <= 0 or not 0 <= options.lora_dropout < 1:
+        raise ConfigError(f"LoRA needs lora_rank >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1, got "
+                          f"{options.lora_rank}, {options.lora_alpha}, {options.lora_dropout}")
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError("lora_rank needs peft: pip install 'ds-contrastive[lora]'") from None
+    config = peft.LoraConfig(r=options.lora_rank, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
+                             target_modules=list(options.lora_target_modules))
+    torch.manual_seed(seed)
+    try:
+        peft.get_peft_model(model[0].auto_model, config)
+    except ValueError as e:  # peft: no module matches the target names
+        raise ConfigError(f"lora_target_modules {options.lora_target_modules}: {e}") from None
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Checkpoint the transformer's layers (non-reentrant): a chunk's backward recomputes their activations.
+
+    Non-reentrant checkpointing restores the RNG state for the recomputation,
+    so dropout draws the masks of the forward it repeats (pass 1's kept
+    graphs, pass 2's re-run): the gradients are those without checkpointing.
+    """
+    inner = getattr(model[0], "auto_model", None)
+    if inner is None or not getattr(inner, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"gradient_checkpointing: {type(inner).__name__} does not support it")
+    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def builtin_split(part: str) -> dict[str, list[str]]:

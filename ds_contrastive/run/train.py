@@ -32,9 +32,11 @@ from . import checkpoint
 from .config import TrainConfig, argument_parser, load_train_config, redacted
 from .console import clean_errors, quiet_other_ranks
 from .evaluation import Evaluation
-from .output_dir import SUMMARY, checkpoint_root, claimed, model_files
+from .output_dir import SUMMARY, checkpoint_root, claimed, entries, model_files
 from .setup import (
+    add_lora,
     build_loss,
+    enable_gradient_checkpointing,
     few_negatives_warning,
     hidden_size,
     load_batches,
@@ -132,11 +134,10 @@ def _train(cfg: TrainConfig, ds_config_path: str, started: float) -> dict[str, A
     batches, examples, fingerprint = load_batches(cfg)
     if rank == 0 and (warning := few_negatives_warning(cfg)):
         print(warning, flush=True)
-    with claimed(cfg) as (resume_from, since):
+    with claimed(cfg) as resume_from:
         summary = _run(cfg, ds_config, ds_config_path, batches, examples, fingerprint, resume_from)
         summary["wall_seconds"] = time.perf_counter() - started
         if rank == 0:
-            summary["model_files"] = model_files(Path(cfg.output_dir), since)
             (Path(cfg.output_dir) / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -149,6 +150,9 @@ def _run(cfg: TrainConfig, ds_config: dict[str, Any], ds_config_path: str, batch
     identity = run_identity(cfg, total_steps, fingerprint)
     eval_pairs = load_eval_data(cfg)
     model = load_model(cfg.model)
+    add_lora(model, cfg, cfg.seed)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     ds_config, resolved = resolve_auto(ds_config, cfg, total_steps, hidden_size(model), ds_config_path)
     if rank == 0:
         print(format_resolved(resolved, ds_config_path), flush=True)
@@ -218,7 +222,10 @@ def _run(cfg: TrainConfig, ds_config: dict[str, Any], ds_config_path: str, batch
     if progress is not None:
         progress.close()
 
+    before = entries(Path(cfg.output_dir)) if rank == 0 else {}
     engine.save(cfg.output_dir)
+    if rank == 0:  # what the save wrote: an --overwrite_output_dir of this run removes exactly these
+        summary["model_files"] = model_files(Path(cfg.output_dir), before)
     if evaluation is not None:
         if rank == 0:
             print(f"held-out retrieval after training:  {_fmt(summary['after'])}", flush=True)

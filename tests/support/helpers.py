@@ -49,6 +49,34 @@ def tiny_bert_dir(root: Path, seed: int = 0, hidden: int = 32, layers: int = 2, 
     return path
 
 
+def tiny_decoder_dir(root: Path, arch: str = "qwen2", seed: int = 0, hidden: int = 32, layers: int = 2,
+                     dropout: float = 0.1) -> Path:
+    """A random-init decoder LLM (Qwen2 or Llama) with last-token pooling and MiniLM's tokenizer, saved as a
+    SentenceTransformer: the shape of Qwen3-Embedding / e5-mistral, small enough for a CPU test."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from transformers import AutoTokenizer, LlamaConfig, LlamaModel, Qwen2Config, Qwen2Model
+
+    path = Path(root) / f"tiny-{arch}-{seed}-{hidden}-{layers}-{dropout}"
+    if (path / "modules.json").exists():
+        return path
+    raw = Path(root) / f"raw-{arch}-{seed}-{hidden}-{layers}-{dropout}"
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))  # its [SEP] ends every text, as an EOS would
+    config_class, model_class = {"qwen2": (Qwen2Config, Qwen2Model), "llama": (LlamaConfig, LlamaModel)}[arch]
+    config = config_class(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, intermediate_size=2 * hidden,
+                          max_position_embeddings=128, attention_dropout=dropout,
+                          pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model_class(config).save_pretrained(str(raw))
+    tokenizer.save_pretrained(str(raw))
+    transformer = Transformer(str(raw), max_seq_length=64)
+    model = SentenceTransformer(modules=[transformer, Pooling(hidden, "lasttoken"), Normalize()], device="cpu")
+    model.save(str(path))
+    shutil.rmtree(raw)
+    return path
+
+
 def load_model(path: Path):
     from sentence_transformers import SentenceTransformer
 

@@ -11,6 +11,8 @@ from ds_contrastive.run.console import EXIT_CODES, clean_errors
 def test_a_user_error_is_one_line_and_its_code(error, code, capsys, monkeypatch):
     monkeypatch.delenv("DS_CONTRASTIVE_DEBUG", raising=False)
     monkeypatch.setenv("RANK", "0")
+    # exiting closes the process group; this test process keeps its one-rank group for the tests after it
+    monkeypatch.setattr("ds_contrastive.run.console._leave_process_group", lambda: None)
     with pytest.raises(SystemExit) as exited:
         with clean_errors():
             raise error

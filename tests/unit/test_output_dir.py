@@ -33,10 +33,13 @@ def config(out, **overrides):
 
 def test_a_new_directory_is_claimed_and_its_lock_released_after_the_run(tmp_path):
     out = tmp_path / "run"
-    with claimed(config(out)) as (resume_from, since):
-        assert resume_from is None and since is not None
-        assert (out / LOCK).is_file()
+    with claimed(config(out)) as resume_from:
+        assert resume_from is None and (out / LOCK).is_file()
     assert not (out / LOCK).exists()
+    (out / "wandb").mkdir()  # a bare wandb/ (or report/) is no run: nothing refused, nothing removed
+    with claimed(config(out, resume="auto")):
+        pass
+    assert (out / "wandb").is_dir()
 
 
 def test_a_finished_run_is_refused_naming_the_options_and_left_as_it_was(tmp_path):
@@ -53,10 +56,10 @@ def test_a_finished_run_is_refused_naming_the_options_and_left_as_it_was(tmp_pat
 def test_overwrite_removes_the_old_run_report_included_and_nothing_else(tmp_path, capsys):
     out = tmp_path / "run"
     finished_run(out)
-    with claimed(config(out, overwrite_output_dir="true")) as (resume_from, _):
+    with claimed(config(out, overwrite_output_dir="true")) as resume_from:
         assert resume_from is None
         assert sorted(p.name for p in out.iterdir()) == [LOCK, "notes.txt"]
-    assert f"replacing a finished run of 16 steps in {out}: removed summary.json, metrics.jsonl, run_config.json, " \
+    assert f"replacing a finished run of 16 steps in {out}: removed summary.json, run_config.json, metrics.jsonl, " \
            "report, its model (4 files)" in capsys.readouterr().out
 
 
@@ -79,6 +82,7 @@ time.sleep(60)
         holder.wait()
     with claimed(config(out)):  # the lock died with its process; the lock file alone is no run's output
         pass
+    assert not (out / LOCK).exists()
 
 
 def test_resume_auto_without_a_checkpoint(tmp_path):
@@ -86,30 +90,35 @@ def test_resume_auto_without_a_checkpoint(tmp_path):
     unfinished.mkdir()
     (unfinished / "metrics.jsonl").write_text('{"step": 1}\n')
     (unfinished / LOCK).write_text("pid 1 on gone")
-    with claimed(config(unfinished, resume="auto")) as (resume_from, _):
+    with claimed(config(unfinished, resume="auto")) as resume_from:
         assert resume_from is None and not (unfinished / "metrics.jsonl").exists()
     finished = tmp_path / "finished"
     finished_run(finished)
-    with pytest.raises(OutputDirError, match="holds a finished run of 16 steps and no checkpoint to resume from"):
-        with claimed(config(finished, resume="auto")):
-            pass
+    for resume in ("auto", str(tmp_path / "elsewhere")):
+        with pytest.raises(OutputDirError, match="holds a finished run of 16 steps: there is nothing to resume"):
+            with claimed(config(finished, resume=resume)):
+                pass
 
 
-def test_a_failure_before_anything_is_written_leaves_no_mark(tmp_path):
+def test_a_failed_or_killed_run(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="model failed to load"):
         with claimed(config(out)):
             raise RuntimeError("model failed to load")
-    assert list(out.iterdir()) == []
-    with claimed(config(out)):  # so the corrected command runs without --overwrite_output_dir
-        pass
+    assert list(out.iterdir()) == []  # nothing written: the corrected command runs without --overwrite_output_dir
     with pytest.raises(RuntimeError):
         with claimed(config(out)):
             (out / "metrics.jsonl").write_text('{"step": 1}\n')
             raise RuntimeError("killed mid-run")
-    assert (out / LOCK).is_file()  # beside its metrics, it marks the unfinished run
     with pytest.raises(OutputDirError, match=r"holds an unfinished run \(newest checkpoint: none\) \(metrics.jsonl\)"):
         with claimed(config(out)):
+            pass
+
+
+def test_an_output_dir_that_cannot_be_one_is_an_error_not_a_traceback(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OutputDirError, match="cannot use .*file as output_dir"):
+        with claimed(config(tmp_path / "file")):
             pass
 
 
