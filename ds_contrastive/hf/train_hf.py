@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.runtime import share_cpu_threads, shutdown, skip_shm_comm_op
+from ..data.mixture import by_role
 from ..run.config import RefusingParser
 from ..run.console import clean_errors, quiet_other_ranks
 from ..run.options import ChunkingOptions, DataOptions, LossOptions, ModelOptions
@@ -94,7 +95,8 @@ def _main(argv: list[str] | None) -> None:
     from .trainer import ContrastiveTrainer
 
     training_args, args = parse(argv)
-    data = load_train_data(args)
+    data = load_train_data(args)  # the Trainer reads the columns in order: anchor, positive, negatives
+    data = by_role(data, args.anchor_column, args.positive_column, args.query_prefix, args.document_prefix)
     eval_pairs = load_eval_data(args)
     model = load_model(args.model)
     add_lora(model, args, training_args.seed)

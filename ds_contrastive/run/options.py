@@ -49,6 +49,9 @@ class DataOptions:
     anchor_column: str = option("anchor", "the anchor (query) column")
     positive_column: str = option("positive", "the positive (document) column")
     negative_columns: list[str] = option([], "hard-negative columns")
+    query_prefix: str = option("", "prepended to every anchor (query) only: an instruction such as 'Instruct: "
+                                   "<task>\\nQuery: ' (held-out queries too; a datasets entry may set its own)")
+    document_prefix: str = option("", "prepended to every positive and hard negative (held-out documents too)")
     max_train_examples: int | None = option(None, "use only the first N training examples")
 
 

@@ -121,8 +121,9 @@ def load_mixture(cfg: TrainConfig) -> tuple[MixedBatches, str]:
         name = entry.get("name", Path(entry["path"]).stem)
         digests.append(f"{name}:{entry.get('weight', 1.0)}:{check_same_data(data)}")
         sources.append(Source(name, global_batches(data, cfg.global_batch_size, cfg.seed + 1000 * i, entry["path"]),
-                              float(entry.get("weight", 1.0)), anchor, positive, entry.get("query_prefix", ""),
-                              entry.get("document_prefix", "")))
+                              float(entry.get("weight", 1.0)), anchor, positive,
+                              entry.get("query_prefix", cfg.query_prefix),
+                              entry.get("document_prefix", cfg.document_prefix)))
     return MixedBatches(sources, cfg.seed), ",".join(digests)
 
 
@@ -147,7 +148,8 @@ def load_batches(cfg: TrainConfig) -> tuple[MixedBatches | StreamingBatches, int
     data = load_train_data(cfg)
     fingerprint = check_same_data(data)
     batches = MixedBatches([Source("train", global_batches(data, cfg.global_batch_size, cfg.seed, cfg.train_data),
-                                   1.0, cfg.anchor_column, cfg.positive_column)], cfg.seed)
+                                   1.0, cfg.anchor_column, cfg.positive_column, cfg.query_prefix,
+                                   cfg.document_prefix)], cfg.seed)
     return batches, len(data[cfg.anchor_column]), fingerprint
 
 
@@ -170,7 +172,9 @@ def load_eval_data(cfg: DataOptions) -> dict[str, list[str]] | None:
     else:
         data = load_pairs(cfg.eval_data, [cfg.anchor_column, cfg.positive_column])
         data = {"anchor": data[cfg.anchor_column], "positive": data[cfg.positive_column]}
-    return {k: v[: cfg.eval_pairs] for k, v in data.items()}
+    data = {k: v[: cfg.eval_pairs] for k, v in data.items()}
+    return {"anchor": [cfg.query_prefix + t for t in data["anchor"]],
+            "positive": [cfg.document_prefix + t for t in data["positive"]]}
 
 
 def check_same_data(data: dict[str, list[str]]) -> str:

@@ -72,11 +72,12 @@ def run_identity(cfg: TrainConfig, total_steps: int, fingerprint: str) -> dict[s
     return {"total_steps": total_steps, "global_batch_size": cfg.global_batch_size, "seed": cfg.seed,
             "data": fingerprint, "columns": columns, "datasets": datasets, "streaming": cfg.streaming,
             "stream_window_batches": cfg.stream_window_batches if cfg.streaming else None,
-            "max_length": cfg.max_length, "model": cfg.model, "planner": cfg.planner}  # the plan sets dropout seeds
+            "max_length": cfg.max_length, "model": cfg.model, "planner": cfg.planner,  # the plan sets dropout seeds
+            "prefixes": [cfg.query_prefix, cfg.document_prefix]}
 
 
 # what a checkpoint written before a key existed had: the planner of earlier versions filled chunks
-IDENTITY_BEFORE = {"planner": "fill"}
+IDENTITY_BEFORE = {"planner": "fill", "prefixes": ["", ""]}
 
 
 def check_identity(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
@@ -245,7 +246,7 @@ def training_items(cfg: TrainConfig, batches: MixedBatches | StreamingBatches, r
     batches.bad_rows = bad_rows  # the count at the checkpoint
     stream = batches.shards(rank, world_size, start_step)
     for _ in range(start_step, total_steps):
-        shard = by_role(next(stream), cfg.anchor_column, cfg.positive_column)
+        shard = by_role(next(stream), cfg.anchor_column, cfg.positive_column, cfg.query_prefix, cfg.document_prefix)
         yield "train", shard, batches.bad_rows  # read right after this shard: the prefetch may run ahead
 
 
