@@ -72,25 +72,6 @@ def describe(out: Path) -> str:
     return f"an unfinished run (newest checkpoint: {newest.name if newest else 'none'})"
 
 
-def holder(out: Path) -> str | None:
-    """Who holds ``out``'s lock right now ('pid P on HOST'), or None when no running run does."""
-    path = out / LOCK
-    if not path.is_file():
-        return None
-    with path.open("a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            return f.read().strip() or "another process"
-        except OSError as e:
-            if e.errno in NO_FLOCK:
-                return None
-            raise
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return None
-
-
 def lock(out: Path) -> IO[str]:
     """Take ``out``'s lock for this process's life (the returned file must stay open), or refuse: a run holds it.
 
