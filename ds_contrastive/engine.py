@@ -30,19 +30,24 @@ from .losses.infonce import InfoNCE
 from .losses.matryoshka import Matryoshka, check_dims
 from .run import checkpoint
 from .run.retrieval import sharded_retrieval_metrics
-from .run.saving import merged_adapters, save_consolidated
+from .run.saving import save_consolidated
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
 def default_param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only: biases, norms and the logit scale are not decayed."""
+    """Weight decay on matrices only: biases, norms and the logit scale are not decayed.
+
+    An empty group is left out (LoRA trains matrices only): ZeRO-3 drops it
+    from its optimizer, and a scheduler made for two groups then fails.
+    """
     decay, no_decay = [], []
     for p in module.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 class ContrastiveEngine:
@@ -272,22 +277,23 @@ class ContrastiveEngine:
 
     # --- saving ---------------------------------------------------------------------
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, adapter_only: bool = False) -> None:
         """Write the model so that ``SentenceTransformer(path)`` loads it (ZeRO-3: consolidated; LoRA: merged).
 
         Collective: every rank must call it. Rank 0 writes; a failure there is raised on every rank.
-        Under ZeRO-3 every rank gathers the full parameters for the duration of the save.
+        Under ZeRO-3 the transformer is gathered one submodule at a time. LoRA
+        adapters are merged into their layers (a model that loads without
+        peft), or with ``adapter_only`` written alone as peft's adapter files.
         """
         path = Path(path)
         info = {"temperature": self.temperature(), "global_step": self.global_step}  # collective under ZeRO-3
 
         def write() -> None:
-            with merged_adapters(self.module.model):  # LoRA: a merged model, which loads without peft
-                self.module.model.save(str(path))
+            self.module.model.save(str(path))
             (path / "ds_contrastive.json").write_text(json.dumps(info, indent=2) + "\n")
 
-        save_consolidated(list(self.module.parameters()), self.zero_stage == 3, self.rank == 0, write,
-                          f"{path} (rank 0)", self.module.model)
+        save_consolidated(self.module.model, self.zero_stage == 3, self.rank == 0, write, f"{path} (rank 0)",
+                          "adapter" if adapter_only else "merged")
 
     def temperature(self) -> float:
         """The current temperature (the learnable one if it is learned)."""

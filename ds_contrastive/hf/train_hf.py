@@ -22,7 +22,7 @@ from ..data.mixture import by_role
 from ..run.config import RefusingParser
 from ..run.console import clean_errors, quiet_other_ranks
 from ..run.options import ChunkingOptions, DataOptions, LossOptions, ModelOptions
-from ..run.setup import add_lora, build_loss, load_eval_data, load_model, load_train_data, step_options
+from ..run.setup import build_loss, build_model, load_eval_data, load_train_data, step_options
 
 
 @dataclass
@@ -98,11 +98,11 @@ def _main(argv: list[str] | None) -> None:
     data = load_train_data(args)  # the Trainer reads the columns in order: anchor, positive, negatives
     data = by_role(data, args.anchor_column, args.positive_column, args.query_prefix, args.document_prefix)
     eval_pairs = load_eval_data(args)
-    model = load_model(args.model)
-    add_lora(model, args, training_args.seed)
+    model, _ = build_model(args, training_args.seed)
     trainer = ContrastiveTrainer(
         model=model, args=training_args, train_dataset=Dataset.from_dict(data), loss=build_loss(args),
-        evaluator=retrieval_evaluator(eval_pairs) if eval_pairs else None, **step_options(args))
+        evaluator=retrieval_evaluator(eval_pairs) if eval_pairs else None, save_adapter_only=args.save_adapter_only,
+        **step_options(args))
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     if eval_pairs:

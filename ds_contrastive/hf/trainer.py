@@ -28,7 +28,6 @@ arguments, made before the Trainer, start DeepSpeed's process group.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from typing import Any
@@ -45,8 +44,9 @@ from ..core.shard import tokenizer_settings
 from ..core.step import CachedStep
 from ..losses.infonce import InfoNCE
 from ..losses.matryoshka import Matryoshka, check_dims
+from ..run.adapters import lora_layers
 from ..run.checkpoint import weights_only_loads
-from ..run.saving import merged_adapters, save_consolidated
+from ..run.saving import save_consolidated
 
 skip_shm_comm_op()
 
@@ -129,14 +129,20 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
         planner, chunk_costs: how chunks are cut (``"fastest"`` by the time
             measured on this machine or the given costs, ``"fill"`` as earlier
             versions). See :class:`~ds_contrastive.core.step.CachedStep` for all five.
+        save_adapter_only: a LoRA model's ``save_model`` writes the adapter
+            alone (peft's files) instead of the merged model.
         Every other keyword goes to ``SentenceTransformerTrainer``.
+
+    The Trainer's own ``gradient_checkpointing`` (``activation_checkpointing``)
+    checkpoints the transformer's layers inside each chunk, non-reentrant, exactly.
     """
 
     def __init__(self, model: SentenceTransformer, args: SentenceTransformerTrainingArguments | None = None,
                  train_dataset: Any = None, eval_dataset: Any = None, loss: InfoNCE | Matryoshka | None = None,
                  chunk_tokens: int | None = 16384, chunk_rows: int | None = None, max_length: int | None = None,
                  retain_tokens: int | str = "auto", planner: str = "fastest", chunk_costs: ChunkCosts | None = None,
-                 retain_memory_fraction: float = 0.5, retain_memory_gb: float | None = None, **kwargs: Any) -> None:
+                 retain_memory_fraction: float = 0.5, retain_memory_gb: float | None = None,
+                 save_adapter_only: bool = False, **kwargs: Any) -> None:
         objective = loss or InfoNCE()
         if objective.learnable_temperature:
             raise ValueError(
@@ -153,6 +159,8 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
             raise ValueError(f"eval_dataset's anchor and positive columns {columns[1][:2]} differ from "
                              f"train_dataset's {columns[0][:2]}")
         check_dims(model, objective)
+        if save_adapter_only and not lora_layers(model):
+            raise ValueError("save_adapter_only needs a model with LoRA adapters (peft)")
         if args is not None and args.prompts and any(getattr(m, "include_prompt", True) is False for m in model):
             raise ValueError("prompts with a Pooling module that excludes prompt tokens (include_prompt=False) are "
                              "not supported: the step pools every token it embeds")
@@ -170,6 +178,7 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
         if self.cached_step.guide is not None:
             self.cached_step.guide.to(self.args.device)
         self.deepspeed_grad_norm: float | None = None
+        self.save_adapter_only = save_adapter_only
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """The Trainer's ``train``; DeepSpeed checkpoints it resumes from are read with ``weights_only=True``.
@@ -253,19 +262,14 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
         would rewrite the same files at once. Here the parameters are gathered
         (ZeRO-3) for the write, only the saving rank writes, and its failure
         is raised on every rank. LoRA adapters are merged into the saved
-        model, except in the Trainer's checkpoints.
+        model (or, with ``save_adapter_only``, written alone), except in the
+        Trainer's checkpoints, which keep them as they are to resume from.
         """
         output_dir = output_dir or self.args.output_dir
-        params = list(self.model.parameters())
-        zero3 = any(hasattr(p, "ds_id") for p in params)  # also a model partitioned at load, before any engine
-        # the final model merges LoRA adapters (it loads without peft); a checkpoint keeps them, to resume from
-        merged = contextlib.nullcontext() if _internal_call else merged_adapters(self.model)
-
-        def write() -> None:
-            with merged:
-                self._save(output_dir)
-
-        save_consolidated(params, zero3, self.args.should_save, write, output_dir, self.model)
+        zero3 = any(hasattr(p, "ds_id") for p in self.model.parameters())  # also partitioned at load, before any engine
+        weights = "as_is" if _internal_call else "adapter" if self.save_adapter_only else "merged"
+        save_consolidated(self.model, zero3, self.args.should_save, lambda: self._save(output_dir), output_dir,
+                          weights)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
@@ -279,6 +283,13 @@ def check_arguments(args: SentenceTransformerTrainingArguments) -> None:
             "per_device_train_batch_size instead (memory is set by chunk_tokens, not by the batch)")
     if args.fp16 or getattr(args, "mixed_precision", None) == "fp16":  # accelerate can set it without fp16=True
         raise ValueError("fp16 is not supported (loss scaling of the cached gradient); use bf16")
+    checkpointing = getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", None)
+    options = (getattr(args, "activation_checkpointing_kwargs", None)
+               or getattr(args, "gradient_checkpointing_kwargs", None) or {})
+    if checkpointing and isinstance(options, dict) and options.get("use_reentrant"):
+        raise ValueError("gradient checkpointing with use_reentrant=True is not supported by the cached step (a "
+                         "chunk's inputs need no gradient, so reentrant checkpoints give their layers none); leave "
+                         "use_reentrant unset or False: non-reentrant checkpointing is exact")
 
 
 def dataset_columns(dataset: Any, name: str) -> list[str]:

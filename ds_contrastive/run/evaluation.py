@@ -47,6 +47,7 @@ class Evaluation:
         self.every, self.metric, self.rank = cfg.eval_every_steps, cfg.best_metric, rank
         self.digest = columns_digest(pairs)  # a best value is comparable only on the same pairs
         self.best_dir = Path(cfg.output_dir) / "best"
+        self.adapter_only = cfg.save_adapter_only
         self.best = best if best is not None and self._still_best(best) else None  # {"step", "metric", "value", ...}
 
     def _still_best(self, best: dict[str, Any]) -> bool:
@@ -73,7 +74,7 @@ class Evaluation:
     def _keep(self, engine: ContrastiveEngine, best: dict[str, Any]) -> None:
         """Write the model and ``eval.json`` beside ``best``, then swap them in; a failure is raised on every rank."""
         new = self.best_dir.with_name(self.best_dir.name + ".partial")
-        engine.save(new)  # collective; its own failures are raised on every rank
+        engine.save(new, adapter_only=self.adapter_only)  # collective; its failures are raised on every rank
         error = None
         if self.rank == 0:
             try:

@@ -37,6 +37,11 @@ class ModelOptions:
     lora_target_modules: list[str] = option(["q_proj", "k_proj", "v_proj", "o_proj"],
                                             "LoRA: the Linear modules adapted, by name (decoder LLMs' attention "
                                             "projections; BERT's are query, key, value)")
+    append_eos: str = option("auto", "end every text with the tokenizer's EOS token, the saved tokenizer too: auto "
+                                     "(a last-token-pooling model whose tokenizer does not already), true, false")
+    save_adapter_only: bool = option(False, "LoRA: save the adapter alone (peft's files, naming the base model; "
+                                            "SentenceTransformer(path) loads it with peft installed) instead of "
+                                            "the merged model")
 
 
 @dataclass

@@ -16,6 +16,7 @@ import torch
 
 from ..core.chunks import ChunkCosts
 from ..core.collectives import all_gather_objects
+from ..core.runtime import world
 from ..data.files import GlobalBatches, columns_digest, load_pairs
 from ..data.mixture import MixedBatches, Source
 from ..data.streaming import StreamingBatches
@@ -23,7 +24,9 @@ from ..errors import ConfigError, DataError
 from ..losses.guided import GuidedInfoNCE
 from ..losses.infonce import InfoNCE
 from ..losses.matryoshka import Matryoshka
+from .adapters import lora_layers
 from .config import TrainConfig
+from .eos import apply_append_eos
 from .options import BUILTIN_DATA, BUILTIN_MODEL, ChunkingOptions, DataOptions, LossOptions, ModelOptions
 
 
@@ -39,6 +42,23 @@ def load_model(name: str):
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(resolve_model_path(name), device="cpu", trust_remote_code=False)
+
+
+def build_model(options: ModelOptions, seed: int) -> tuple[Any, bool]:
+    """The model the options name, and whether its tokenizer now appends EOS (a run's resume identity holds it).
+
+    Loaded, given an EOS token where it pools the last one, with LoRA if
+    asked (``seed`` draws the adapters alike on every rank).
+    """
+    model = load_model(options.model)
+    eos_appended = apply_append_eos(model, str(options.append_eos).lower())
+    if eos_appended and world()[0] == 0:
+        print(f"appending the EOS token {model.tokenizer.eos_token!r} to every text (last-token pooling; the saved "
+              "tokenizer does too)", flush=True)
+    add_lora(model, options, seed)
+    if options.save_adapter_only and not lora_layers(model):
+        raise ConfigError("save_adapter_only needs LoRA adapters: set lora_rank")
+    return model, eos_appended
 
 
 def add_lora(model, options: ModelOptions, seed: int) -> None:

@@ -34,14 +34,13 @@ from .console import clean_errors, quiet_other_ranks
 from .evaluation import Evaluation
 from .output_dir import SUMMARY, checkpoint_root, claimed, entries, model_files
 from .setup import (
-    add_lora,
     build_loss,
+    build_model,
     enable_gradient_checkpointing,
     few_negatives_warning,
     hidden_size,
     load_batches,
     load_eval_data,
-    load_model,
     step_options,
 )
 from .tracking import Tracker, rank_values, sectioned
@@ -73,11 +72,18 @@ def run_identity(cfg: TrainConfig, total_steps: int, fingerprint: str) -> dict[s
             "data": fingerprint, "columns": columns, "datasets": datasets, "streaming": cfg.streaming,
             "stream_window_batches": cfg.stream_window_batches if cfg.streaming else None,
             "max_length": cfg.max_length, "model": cfg.model, "planner": cfg.planner,  # the plan sets dropout seeds
-            "prefixes": [cfg.query_prefix, cfg.document_prefix]}
+            "prefixes": [cfg.query_prefix, cfg.document_prefix], "lora": lora_identity(cfg)}
+
+
+def lora_identity(cfg: TrainConfig) -> list[Any] | None:
+    """The adapters a checkpoint's optimizer state and weights were made for (None: every weight trains)."""
+    if cfg.lora_rank is None:
+        return None
+    return [cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, sorted(cfg.lora_target_modules)]
 
 
 # what a checkpoint written before a key existed had: the planner of earlier versions filled chunks
-IDENTITY_BEFORE = {"planner": "fill", "prefixes": ["", ""]}
+IDENTITY_BEFORE = {"planner": "fill", "prefixes": ["", ""], "lora": None, "eos_appended": False}
 
 
 def check_identity(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
@@ -150,8 +156,7 @@ def _run(cfg: TrainConfig, ds_config: dict[str, Any], ds_config_path: str, batch
     total_steps = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
     identity = run_identity(cfg, total_steps, fingerprint)
     eval_pairs = load_eval_data(cfg)
-    model = load_model(cfg.model)
-    add_lora(model, cfg, cfg.seed)
+    model, identity["eos_appended"] = build_model(cfg, cfg.seed)  # the texts' tokens depend on it
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     ds_config, resolved = resolve_auto(ds_config, cfg, total_steps, hidden_size(model), ds_config_path)
@@ -224,7 +229,7 @@ def _run(cfg: TrainConfig, ds_config: dict[str, Any], ds_config_path: str, batch
         progress.close()
 
     before = entries(Path(cfg.output_dir)) if rank == 0 else {}
-    engine.save(cfg.output_dir)
+    engine.save(cfg.output_dir, adapter_only=cfg.save_adapter_only)
     if rank == 0:  # what the save wrote: an --overwrite_output_dir of this run removes exactly these
         summary["model_files"] = model_files(Path(cfg.output_dir), before)
     if evaluation is not None:

@@ -3,6 +3,9 @@
 Every rank runs the engine on its (unequal) shard for each ZeRO stage, chunk
 budget and loss setting; rank 0 also runs the plain-PyTorch reference on the
 whole global batch and writes the relative parameter errors to --out.
+``--decoders`` adds tiny decoder LLMs (last-token pooling) as they are, with
+LoRA adapters (the reference draws the same initialisation) and with gradient
+checkpointing (the reference runs without it).
 """
 
 import contextlib
@@ -24,6 +27,8 @@ from reference import (
 import ds_contrastive as dc
 from ds_contrastive.core.collectives import all_gather_objects
 from ds_contrastive.core.runtime import world
+from ds_contrastive.run.options import ModelOptions
+from ds_contrastive.run.setup import add_lora, enable_gradient_checkpointing
 
 ROWS, NEGATIVES, SEED, LR, MAX_LEN = 11, 1, 7, 0.1, 64
 # (chunk_tokens, chunk_rows, retain_tokens), planned by the default planner (costs measured on this machine):
@@ -45,6 +50,22 @@ LOSSES = {
 }
 
 
+LORA = ModelOptions(lora_rank=4, lora_alpha=8.0, lora_dropout=0.1, lora_target_modules=["q_proj", "v_proj"])
+# decoder settings: (variant, budget); checkpointing with re-run chunks only and with kept pass-1 graphs
+DECODER_RUNS = (("plain", "several"), ("lora", "several_kept"), ("checkpointing", "several"),
+                ("checkpointing", "several_kept"))
+
+
+def prepared(model_dir: str, variant: str, reference: bool):
+    """The model of a run: LoRA seeded alike for engine and reference; checkpointing for the engine only."""
+    model = load_model(model_dir)
+    if variant == "lora":
+        add_lora(model, LORA, SEED)
+    elif variant == "checkpointing" and not reference:
+        enable_gradient_checkpointing(model)
+    return model
+
+
 def reference_value(loss, emb, guide_emb, texts, scale) -> torch.Tensor:
     """The reference loss matching ``loss``'s settings."""
     if isinstance(loss, dc.Matryoshka):
@@ -59,6 +80,18 @@ def reference_value(loss, emb, guide_emb, texts, scale) -> torch.Tensor:
 def guide_unpartitioned(engine) -> bool:
     """Every guide parameter is a plain full tensor (ZeRO-3 never touched it)."""
     return all(not hasattr(p, "ds_id") and p.numel() > 0 for p in engine.guide.model.parameters())
+
+
+def largest_frozen_partitioned(module) -> bool | None:
+    """Whether this rank holds only a slice of the largest frozen parameter (None: nothing is frozen).
+
+    ZeRO-3 keeps parameters below its persistence threshold whole: the largest one is partitioned if any is.
+    """
+    frozen = [p for p in module.parameters() if not p.requires_grad]
+    if not frozen:
+        return None
+    largest = max(frozen, key=lambda p: getattr(p, "ds_numel", p.numel()))
+    return hasattr(largest, "ds_tensor") and largest.ds_tensor.numel() < largest.ds_numel
 
 
 def global_batch(step: int) -> dict[str, list[str]]:
@@ -87,27 +120,30 @@ def rel(a: dict, b: dict, base: dict | None = None) -> float:
     return float(num / den)
 
 
-def run(model_dir: str, guide_dir: str, stage: int, budget: str, loss_name: str, steps: int) -> dict:
+def run(model_dir: str, guide_dir: str, stage: int, budget: str, loss_name: str, steps: int,
+        variant: str = "plain") -> dict:
     rank, size = world()
     tokens, rows, retain = BUDGETS[budget]
     loss = LOSSES[loss_name](guide_dir)
     cfg = {"zero_optimization": {"stage": stage, "reduce_bucket_size": 10**8}, "gradient_clipping": 0.0,
            "zero_allow_untested_optimizer": True}
     # SGD, not Adam: Adam's update barely changes when the gradient is scaled (1/W or Wx would pass).
-    engine = dc.ContrastiveEngine(load_model(model_dir), loss, ds_config=cfg, chunk_tokens=tokens,
+    engine = dc.ContrastiveEngine(prepared(model_dir, variant, reference=False), loss, ds_config=cfg, chunk_tokens=tokens,
                                   chunk_rows=rows, optimizer=lambda groups: torch.optim.SGD(groups, lr=LR),
                                   weight_decay=0.01, seed=SEED, max_length=MAX_LEN, retain_tokens=retain)
     forwards = []
     hook = engine.module.model.register_forward_hook(lambda *a: forwards.append(1))
-    ref_model = load_model(model_dir)
+    ref_model = prepared(model_dir, variant, reference=True)
     ref_model.train()
     ref_guide = load_model(guide_dir) if engine.guide is not None else None
-    ref_params = [(f"model.{n}", p) for n, p in ref_model.named_parameters()]
+    ref_params = [(f"model.{n}", p) for n, p in ref_model.named_parameters() if p.requires_grad]
     if loss.learnable_temperature:
         log_scale = torch.nn.Parameter(torch.tensor([loss.initial_log_scale()]))
         ref_params.append(("log_scale", log_scale))
     opt = torch.optim.SGD(param_groups(ref_params, 0.01), lr=LR)
     initial = {n.removeprefix("model."): p.detach().clone() for n, p in ref_params}
+    trained = set(initial)
+    frozen = {n: p.detach().clone() for n, p in ref_model.named_parameters() if not p.requires_grad}
     results = {}
     for step in range(steps):
         batch = global_batch(step)
@@ -116,7 +152,9 @@ def run(model_dir: str, guide_dir: str, stage: int, budget: str, loss_name: str,
         plans = all_gather_objects([(list(c.indices), c.dummy) for c in engine.last_plan.chunks])
         counts = all_gather_objects(len(forwards))
         unpartitioned = all_gather_objects(guide_unpartitioned(engine)) if engine.guide is not None else None
-        got = flat_params(engine.module, stage)
+        every = flat_params(engine.module, stage)
+        got = {n: p for n, p in every.items() if n in trained}
+        frozen_moved = [n for n, p in frozen.items() if not torch.equal(every[n], p)]
         if rank != 0:
             continue
         shards = [list(shard_of(batch, r, size).values()) for r in range(size)]
@@ -140,20 +178,29 @@ def run(model_dir: str, guide_dir: str, stage: int, budget: str, loss_name: str,
             "chunks": len(plans[0]),
             "kept_chunks": metrics["kept_chunks"],
             "guide_unpartitioned": unpartitioned,
+            "trained_tensors": len(trained),
+            "frozen_moved": frozen_moved,
+            "largest_frozen_partitioned": largest_frozen_partitioned(engine.module),
+            "checkpointing": bool(getattr(engine.module.model[0].auto_model, "is_gradient_checkpointing", False)),
         }
     hook.remove()
     return results
 
 
 def build(args) -> dict:
+    runs = [(f"zero{stage}/{budget}/{loss_name}", args.model, stage, budget, loss_name, args.steps, "plain")
+            for stage in map(int, args.stages.split(",")) for budget in args.budgets.split(",")
+            for loss_name in args.losses.split(",")]
+    for model_dir in filter(None, args.decoders.split(",")):
+        arch = model_dir.rstrip("/").rsplit("/", 1)[-1]
+        runs += [(f"zero{stage}/{budget}/qd_fixed/{arch}/{variant}", model_dir, stage, budget, "qd_fixed",
+                  args.decoder_steps, variant)
+                 for stage in map(int, args.decoder_stages.split(",")) for variant, budget in DECODER_RUNS]
     report = {}
-    for stage in map(int, args.stages.split(",")):
-        for budget in args.budgets.split(","):
-            for loss_name in args.losses.split(","):
-                key = f"zero{stage}/{budget}/{loss_name}"
-                report[key] = run(args.model, args.guide, stage, budget, loss_name, args.steps)
-                if world()[0] == 0:
-                    print(key, json.dumps(report[key]), file=sys.stderr, flush=True)
+    for key, model_dir, stage, budget, loss_name, steps, variant in runs:
+        report[key] = run(model_dir, args.guide, stage, budget, loss_name, steps, variant)
+        if world()[0] == 0:
+            print(key, json.dumps(report[key]), file=sys.stderr, flush=True)
     return report
 
 
@@ -164,4 +211,7 @@ if __name__ == "__main__":
         "--budgets": dict(default=",".join(BUDGETS)),
         "--losses": dict(default="qd_fixed,all_dirs_learnable"),
         "--guide": dict(default=str(minilm_dir())),
+        "--decoders": dict(default="", help="decoder model directories, comma-separated"),
+        "--decoder_stages": dict(default="2,3"),
+        "--decoder_steps": dict(type=int, default=2),
     })

@@ -27,6 +27,9 @@ from typing import ClassVar
 import torch
 
 PER_DEVICE, NEGATIVES, SEED, LR, MAX_LEN, CHUNK_TOKENS = 6, 1, 11, 0.1, 64, 120
+# Given, not measured: the Trainer and the engine must cut the same chunks (hence draw the same dropout masks);
+# costs each measures for itself on a busy machine could tip the planner one way for one and not the other.
+COSTS = dict(call=1.2e-3, token=4.6e-6, attention=6e-8)
 
 
 def global_batch(rows: int) -> dict[str, list[str]]:
@@ -45,6 +48,8 @@ def main() -> None:
     # the Trainer keeps this many padded tokens of pass-1 graphs (the engine it is compared with keeps none)
     parser.add_argument("--retain_tokens", type=int, required=True)
     parser.add_argument("--local_rank", type=int, default=0)
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="the Trainer's own --gradient_checkpointing (the engine and the reference run without)")
     parser.add_argument("--ds_from_launcher", action="store_true",
                         help="DeepSpeed configured by `accelerate launch --use_deepspeed`, not by the arguments")
     args = parser.parse_args()
@@ -81,6 +86,7 @@ def main() -> None:
         output_dir=out_dir, per_device_train_batch_size=PER_DEVICE, max_steps=1, learning_rate=LR, optim="sgd",
         lr_scheduler_type="constant", weight_decay=weight_decay, max_grad_norm=0.0, seed=SEED, deepspeed=ds_config,
         report_to="none", logging_steps=1, save_strategy="no", disable_tqdm=True,
+        gradient_checkpointing=args.checkpointing,
         use_cpu=not torch.cuda.is_available())  # on a CPU-only host accelerate otherwise counts one process
 
     reductions: list[int] = []  # DDP: gradient all-reduces (bucket hook calls) during each chunk's backward
@@ -113,6 +119,7 @@ def main() -> None:
 
     trainer = Recording(model=trainer_model, args=training_args, train_dataset=Dataset.from_dict(batch),
                         loss=dc.InfoNCE(temperature=0.05), chunk_tokens=CHUNK_TOKENS, max_length=MAX_LEN,
+                        chunk_costs=dc.ChunkCosts(**COSTS),
                         retain_tokens=args.retain_tokens)
     trainer.train()
     rank = world()[0]
@@ -135,7 +142,8 @@ def main() -> None:
         engine_model, dc.InfoNCE(temperature=0.05),
         ds_config={"zero_optimization": {"stage": max(args.stage, 0) if args.stage >= 0 else 2},
                    "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True},
-        chunk_tokens=CHUNK_TOKENS, optimizer=lambda groups: torch.optim.SGD(groups, lr=LR),
+        chunk_tokens=CHUNK_TOKENS, chunk_costs=dc.ChunkCosts(**COSTS),
+        optimizer=lambda groups: torch.optim.SGD(groups, lr=LR),
         weight_decay=weight_decay, seed=SEED, max_length=MAX_LEN)
     metrics = engine.train_step(shard)
     plans = all_gather_objects([(list(c.indices), c.dummy) for c in engine.last_plan.chunks])
@@ -173,6 +181,7 @@ def main() -> None:
         "kept_chunks": logged["kept_chunks"],
         "saved_vs_in_memory": float((loaded.float() - in_memory).norm() / in_memory.norm()),
         "trained": rel(got_trainer, initial),
+        "checkpointing": bool(trainer.model[0].auto_model.is_gradient_checkpointing),
     }
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)

@@ -8,6 +8,8 @@ shards and the single-process full-batch reference. Under the deepspeed
 launcher with ZeRO 0, 1, 2 and 3, under ``accelerate launch --use_deepspeed`` (ZeRO-2), under torchrun with DDP (no DeepSpeed), and in one plain process.
 Then ``trainer.save_model()`` and ``SentenceTransformer(path)`` embed like the
 in-memory model (ZeRO-3: consolidated weights, not each rank's slice).
+The ZeRO-3 run turns on the Trainer's own ``gradient_checkpointing``: its step
+still equals the engine's and the reference's, which run without it.
 """
 
 import json
@@ -29,6 +31,8 @@ def test_trainer_step_equals_engine_and_reference(case, tiny_model_dir, tmp_path
     launcher, stage = CASES[case]
     retain = 10**6 if launcher == "torchrun" else RETAIN_TOKENS
     extra, launcher_args = ["--stage", str(stage), "--retain_tokens", str(retain)], []
+    if case == "zero3":
+        extra.append("--checkpointing")
     if launcher == "accelerate":  # DeepSpeed set up by `accelerate launch --use_deepspeed`, not by the arguments
         (tmp_path / "ds.json").write_text(json.dumps(ACCELERATE_DS_CONFIG))
         extra.append("--ds_from_launcher")
@@ -38,6 +42,7 @@ def test_trainer_step_equals_engine_and_reference(case, tiny_model_dir, tmp_path
                    launcher_args=launcher_args)
     expected = "DeepSpeedBackend" if stage >= 0 else "TorchBackend(DDP)" if ranks > 1 else "TorchBackend"
     assert r["backend"] == expected, r
+    assert r["checkpointing"] == (case == "zero3"), r
     assert r["rows_per_rank"] == [6] * ranks and r["distinct_rows"] == 6 * ranks, r  # the dataset was one batch
     assert r["chunks_per_rank"] > 1, r
     if expected == "TorchBackend(DDP)":  # DDP arms its reduction at forward time: the last chunk is re-run

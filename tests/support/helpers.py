@@ -50,20 +50,28 @@ def tiny_bert_dir(root: Path, seed: int = 0, hidden: int = 32, layers: int = 2, 
 
 
 def tiny_decoder_dir(root: Path, arch: str = "qwen2", seed: int = 0, hidden: int = 32, layers: int = 2,
-                     dropout: float = 0.1) -> Path:
-    """A random-init decoder LLM (Qwen2 or Llama) with last-token pooling and MiniLM's tokenizer, saved as a
-    SentenceTransformer: the shape of Qwen3-Embedding / e5-mistral, small enough for a CPU test."""
+                     dropout: float = 0.1, tokenizer: str = "minilm") -> Path:
+    """A random-init decoder LLM (Qwen2 or Llama) with last-token pooling, saved as a SentenceTransformer: the shape
+    of Qwen3-Embedding / e5-mistral, small enough for a CPU test.
+
+    ``tokenizer``: ``"minilm"`` (MiniLM's, whose [SEP] ends every text as an EOS would; beside a Qwen2,
+    transformers 5 loads it as a Qwen2Tokenizer by the model type: characters between [CLS] and [SEP], with an
+    ``<|endoftext|>`` EOS the texts never get) or ``"bytes"`` (a Qwen2
+    tokenizer of single bytes whose EOS, also its padding token, is not added to texts: a base LLM tokenizer's habit).
+    """
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
     from transformers import AutoTokenizer, LlamaConfig, LlamaModel, Qwen2Config, Qwen2Model
 
-    path = Path(root) / f"tiny-{arch}-{seed}-{hidden}-{layers}-{dropout}"
+    suffix = "" if tokenizer == "minilm" else f"-{tokenizer}"
+    path = Path(root) / f"tiny-{arch}-{seed}-{hidden}-{layers}-{dropout}{suffix}"
     if (path / "modules.json").exists():
         return path
-    raw = Path(root) / f"raw-{arch}-{seed}-{hidden}-{layers}-{dropout}"
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))  # its [SEP] ends every text, as an EOS would
+    raw = Path(root) / f"raw-{arch}-{seed}-{hidden}-{layers}-{dropout}{suffix}"
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir())) if tokenizer == "minilm" else byte_tokenizer()
     config_class, model_class = {"qwen2": (Qwen2Config, Qwen2Model), "llama": (LlamaConfig, LlamaModel)}[arch]
-    config = config_class(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+    # + 1: the <|endoftext|> transformers 5 adds when it loads MiniLM's tokenizer beside a Qwen2 has an embedding
+    config = config_class(vocab_size=len(tokenizer) + 1, hidden_size=hidden, num_hidden_layers=layers,
                           num_attention_heads=4, num_key_value_heads=2, intermediate_size=2 * hidden,
                           max_position_embeddings=128, attention_dropout=dropout,
                           pad_token_id=tokenizer.pad_token_id)
@@ -75,6 +83,17 @@ def tiny_decoder_dir(root: Path, arch: str = "qwen2", seed: int = 0, hidden: int
     model.save(str(path))
     shutil.rmtree(raw)
     return path
+
+
+def byte_tokenizer():
+    """A Qwen2 tokenizer of single bytes (byte-level BPE, no merges) that, like Qwen2's own, never adds its EOS
+    (also its padding token); it saves and loads as itself."""
+    from tokenizers import pre_tokenizers
+    from transformers import Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    return Qwen2Tokenizer(vocab=vocab, merges=[], eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                          unk_token=None)
 
 
 def load_model(path: Path):

@@ -28,6 +28,9 @@ def args(tmp_path, **kwargs):
     ({}, {"anchor": ["only one column"]}, "needs an anchor and a positive column"),
     ({"data_collator": RawTextCollator()}, DATA, "do not pass data_collator"),
     ({"loss": dc.Matryoshka(dc.InfoNCE(), dims=(64, 16))}, DATA, "exceed the model's embedding size 32"),
+    ({"args": {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": True}}}, DATA,
+     "use_reentrant=True is not supported"),
+    ({"save_adapter_only": True}, DATA, "save_adapter_only needs a model with LoRA adapters"),
 ])
 def test_refusals(model, tmp_path, kwargs, data, message):
     kwargs = dict(kwargs)
