@@ -8,6 +8,12 @@ environment variables that change how a run behaves (secrets left out).
 ``ds-contrastive report RUN_DIR`` plots a finished (or killed) run's
 ``metrics.jsonl`` into ``RUN_DIR/report/index.html``: one page with the run's
 settings and a table of its main metrics, and a PNG per plot beside it.
+
+``ds-contrastive plan --model MODEL ...`` estimates one rank's GPU memory for
+a run (parameters, gradients, optimizer state, activations, kept graphs,
+gathered embeddings, loss tiles) before starting it, suggests
+``chunk_tokens`` and ``retain_tokens``, or says what does not fit and what to
+change (:mod:`~ds_contrastive.run.memory_plan`); ``--json`` for scripts.
 """
 
 from __future__ import annotations
@@ -85,6 +91,47 @@ def print_environment(info: dict[str, Any]) -> None:
         print(f"  {key}={value}")
 
 
+def add_plan_arguments(plan: argparse.ArgumentParser) -> None:
+    """The planner's options, named as the training options and DeepSpeed keys they stand for."""
+    from .memory_plan import ATTENTIONS, OFFLOADS, PRESETS, PlanOptions
+
+    defaults = PlanOptions()
+    plan.add_argument("--model", required=True, help="a model or SentenceTransformer directory (its config.json), "
+                                                     f"or a preset: {', '.join(PRESETS)}")
+    plan.add_argument("--gpu_memory_gb", type=float, default=defaults.gpu_memory_gb, help="memory of one GPU, GiB")
+    plan.add_argument("--world_size", type=int, default=defaults.world_size, help="ranks (GPUs) in all")
+    plan.add_argument("--zero_stage", type=int, default=defaults.zero_stage, help="DeepSpeed ZeRO stage, 0-3")
+    plan.add_argument("--offload", default=defaults.offload, help=f"to the CPU: {', '.join(OFFLOADS)}")
+    plan.add_argument("--precision", default=defaults.precision, help="bf16 or fp32")
+    plan.add_argument("--lora_rank", type=int, help="train LoRA adapters of this rank only")
+    plan.add_argument("--lora_target_modules", default=",".join(defaults.lora_target_modules),
+                      help="LoRA's Linear modules, comma-separated (BERT's: query,key,value,dense)")
+    plan.add_argument("--gradient_checkpointing", action="store_true", help="recompute each layer in the backward")
+    plan.add_argument("--attention", default=defaults.attention, help=f"{', '.join(ATTENTIONS)} (eager: L^2 scores)")
+    plan.add_argument("--global_batch_size", type=int, default=defaults.global_batch_size, help="rows per step")
+    plan.add_argument("--columns", type=int, default=defaults.columns,
+                      help="texts per row: anchor, positive and hard negatives")
+    plan.add_argument("--max_length", type=int, default=defaults.max_length, help="truncation, in tokens")
+    plan.add_argument("--embedding_dim", type=int, help="the embedding's size (default: the hidden size)")
+    plan.add_argument("--chunk_tokens", type=int, help="padded tokens per forward call (default: suggested)")
+    plan.add_argument("--retain_tokens", type=int, help="padded tokens of kept pass-1 graphs (default: suggested)")
+    plan.add_argument("--reduce_bucket_size", type=int, default=defaults.reduce_bucket_size,
+                      help="DeepSpeed's zero_optimization.reduce_bucket_size")
+    plan.add_argument("--prefetch_bucket_size", type=int, default=defaults.prefetch_bucket_size,
+                      help="DeepSpeed's zero_optimization.stage3_prefetch_bucket_size")
+    plan.add_argument("--json", action="store_true", help="as one JSON object")
+
+
+def run_plan(args: argparse.Namespace) -> str:
+    """The plan of ``args``, as the table or as JSON; ConfigError names a bad option."""
+    from .memory_plan import PlanOptions, describe, model_shape, plan
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "model", "json")}
+    fields["lora_target_modules"] = tuple(m.strip() for m in fields["lora_target_modules"].split(",") if m.strip())
+    result = plan(model_shape(args.model), PlanOptions(**fields))
+    return json.dumps(result.to_json(), indent=2) if args.json else describe(result)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ds-contrastive", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     report = commands.add_parser("report", help="plot a run's metrics into one HTML page")
     report.add_argument("run_dir", metavar="RUN_DIR", help="a training run's output_dir (holds metrics.jsonl)")
     report.add_argument("--out", metavar="DIR", help="write the page and its PNGs here (default: RUN_DIR/report)")
+    plan = commands.add_parser("plan", help="estimate one rank's GPU memory; suggest chunk_tokens, retain_tokens")
+    add_plan_arguments(plan)
     args = parser.parse_args(argv)
     if args.command == "env":
         info = environment()
@@ -108,3 +157,10 @@ def main(argv: list[str] | None = None) -> None:
             print(write_report(args.run_dir, args.out))
         except ReportError as error:
             report.error(str(error))
+    elif args.command == "plan":
+        from ..errors import ConfigError
+
+        try:
+            print(run_plan(args))
+        except ConfigError as error:
+            plan.error(str(error))

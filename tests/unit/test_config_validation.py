@@ -308,7 +308,8 @@ def test_help_lists_every_option_with_its_default(capsys, monkeypatch):
         assert ("onthecommandline:" in entry) == is_list, f.name  # comma-separated, or JSON for datasets
     assert ("--deepspeed_configVALUEDeepSpeedconfig:aJSONfile,orthenameofashippedone(hf_zero2,hf_zero3,zero0,"
             "zero1,zero2,zero3,zero3_offload).default:'zero2'") in text
-    assert "--configVALUEtrainingconfig:aYAMLfile,orthenameofashippedone(large_batch_gpu,quickstart," in text
+    assert ("--configVALUEtrainingconfig:aYAMLfile,orthenameofashippedone(large_batch_gpu,llm_full_0.6b,"
+            "llm_lora_7b,quickstart,") in text
     assert "--debugshowthetracebackofanerror" in text
 
 
