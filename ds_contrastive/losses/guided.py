@@ -1,4 +1,4 @@
-"""Guided (GIST-style) InfoNCE: a frozen guide model masks in-batch false negatives.
+"""Guided (GIST-style) InfoNCE: a frozen guide model, or the student itself, masks in-batch false negatives.
 
 Large global batches hold many false negatives: other rows whose positive also
 answers this anchor. For anchor i, the guide's cosine similarity of
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .guide_model import Guide
-from .infonce import GlobalColumns, InfoNCE, negative_sums
+from .infonce import GlobalColumns, InfoNCE, LossResult, negative_sums
 
 
 @dataclass
@@ -38,8 +38,16 @@ class GuidedInfoNCE(InfoNCE):
     GISTEmbedLoss, with any number of hard-negative columns and exact across
     ranks.
 
+    ``guide="self"``: g is the student's own cosine similarity, from this
+    step's pass-1 embeddings of the global batch (detached): no second model
+    and no extra forward. A negative margin masks only candidates the model
+    scores above the positive by that much: ``margin=-0.1`` is
+    Qwen3-Embedding's false-negative mask (a candidate more similar than
+    sim(a_i, p_i) + 0.1 is not a negative).
+
     Args:
-        guide: a ``SentenceTransformer``, a path to one, or a :class:`Guide`.
+        guide: a ``SentenceTransformer``, a path to one, a :class:`Guide`, or
+            ``"self"``.
         guide_chunk_tokens: padded-token budget of one guide forward call.
     """
 
@@ -65,8 +73,22 @@ class GuidedInfoNCE(InfoNCE):
         if self.margin_strategy not in ("absolute", "relative"):
             raise ValueError(f"margin_strategy must be 'absolute' or 'relative', got {self.margin_strategy!r}")
         if self.guide is None:
-            raise ValueError("GuidedInfoNCE needs a guide model (a SentenceTransformer or a path)")
-        self.guide_model = self.guide if isinstance(self.guide, Guide) else Guide(self.guide, self.guide_chunk_tokens)
+            raise ValueError("GuidedInfoNCE needs a guide: a SentenceTransformer, a path, or 'self'")
+        if not self.self_guided:
+            self.guide_model = (self.guide if isinstance(self.guide, Guide)
+                                else Guide(self.guide, self.guide_chunk_tokens))
+
+    @property
+    def self_guided(self) -> bool:
+        """Whether the student's own embeddings guide the masks."""
+        return isinstance(self.guide, str) and self.guide == "self"
+
+    def compute(self, embeddings: torch.Tensor, hashes: torch.Tensor, first_row: int, rows: int, scale: float,
+                guide: torch.Tensor | None = None) -> LossResult:
+        """:meth:`InfoNCE.compute`; self-guided, the guide is ``embeddings`` themselves (detached)."""
+        if self.self_guided and guide is None:
+            guide = embeddings.detach()
+        return super().compute(embeddings, hashes, first_row, rows, scale, guide)
 
     def candidates_per_row(self, n: int, docs: int) -> int:
         return docs + n * (self.contrast_anchors + self.contrast_positives)

@@ -53,6 +53,8 @@ class Matryoshka:
     def compute(self, embeddings: torch.Tensor, hashes: torch.Tensor, first_row: int, rows: int, scale: float,
                 guide: torch.Tensor | None = None) -> LossResult:
         self.check_fits(embeddings.shape[-1])
+        if getattr(self.loss, "self_guided", False) and guide is None:
+            guide = embeddings.detach()  # every size masks by the full embedding's similarities
         grad = torch.zeros_like(embeddings, dtype=torch.float32)
         grad_scale, sums = 0.0, {"loss": 0.0}
         for dim, weight in zip(self.dims, self.weights):

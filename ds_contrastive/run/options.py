@@ -69,9 +69,11 @@ class LossOptions:
     similarity: str = option("cosine", "cosine or dot")
     mask_duplicates: bool = option(True, "a candidate whose text equals the row's positive (or anchor) is no "
                                               "negative")
-    guide: str | None = option(None, "guided (GIST) loss: a frozen guide SentenceTransformer (path or builtin)")
+    guide: str | None = option(None, "guided (GIST) loss: a frozen guide SentenceTransformer (path or builtin), or "
+                                     "'self': the model's own embeddings of the step, no second model")
     margin_strategy: str = option("absolute", "guided: 'absolute' or 'relative'")
-    margin: float = option(0.0, "guided: mask candidates the guide scores above sim(anchor, positive) - margin")
+    margin: float = option(0.0, "guided: mask candidates the guide scores above sim(anchor, positive) - margin "
+                                "(negative: only those above the positive, e.g. -0.1 as Qwen3-Embedding)")
     contrast_anchors: bool = option(True, "guided: anchor-anchor term over the global batch")
     contrast_positives: bool = option(True, "guided: positive-positive term over the global batch")
     guide_chunk_tokens: int = option(16384, "guided: padded tokens per guide forward call")

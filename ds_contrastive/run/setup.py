@@ -223,7 +223,8 @@ def build_loss(cfg: LossOptions) -> InfoNCE | Matryoshka:
     if cfg.guide is None:
         loss = InfoNCE(**common)
     else:
-        loss = GuidedInfoNCE(guide=resolve_model_path(cfg.guide), margin_strategy=cfg.margin_strategy,
+        guide = "self" if cfg.guide == "self" else resolve_model_path(cfg.guide)
+        loss = GuidedInfoNCE(guide=guide, margin_strategy=cfg.margin_strategy,
                              margin=cfg.margin, contrast_anchors=cfg.contrast_anchors,
                              contrast_positives=cfg.contrast_positives, guide_chunk_tokens=cfg.guide_chunk_tokens,
                              **common)

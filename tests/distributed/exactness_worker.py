@@ -45,8 +45,13 @@ LOSSES = {
     "guided": lambda guide: dc.GuidedInfoNCE(guide=guide, temperature=0.05, margin=0.05),
     "guided_relative_learnable": lambda guide: dc.GuidedInfoNCE(
         guide=guide, temperature=0.05, learnable_temperature=True, margin_strategy="relative", margin=0.1),
+    # the student's own pass-1 embeddings guide: GIST's rule, and only what scores above the positive by 0.02
+    "self_guided": lambda guide: dc.GuidedInfoNCE(guide="self", temperature=0.05, margin=0.0),
+    "self_guided_above": lambda guide: dc.GuidedInfoNCE(guide="self", temperature=0.05, margin=-0.02),
     "matryoshka": lambda guide: dc.Matryoshka(dc.InfoNCE(temperature=0.05), dims=(32, 16, 8),
                                               weights=(1.0, 0.5, 0.25)),
+    "matryoshka_self_guided": lambda guide: dc.Matryoshka(dc.GuidedInfoNCE(guide="self", temperature=0.05),
+                                                          dims=(32, 16), weights=(1.0, 0.5)),
 }
 
 
@@ -69,9 +74,13 @@ def prepared(model_dir: str, variant: str, reference: bool):
 def reference_value(loss, emb, guide_emb, texts, scale) -> torch.Tensor:
     """The reference loss matching ``loss``'s settings."""
     if isinstance(loss, dc.Matryoshka):
+        if getattr(loss.loss, "self_guided", False):  # every size masks by the full embeddings' similarities
+            guide_emb = emb.detach()
         return sum(w * reference_value(loss.loss, emb[..., :d], guide_emb, texts, scale)
                    for d, w in zip(loss.dims, loss.weights))
     if isinstance(loss, dc.GuidedInfoNCE):
+        if loss.self_guided and guide_emb is None:  # the same forward's embeddings, without their gradient
+            guide_emb = emb.detach()
         return reference_guided_loss(emb, guide_emb, texts, scale, loss.margin_strategy, loss.margin,
                                      loss.contrast_anchors, loss.contrast_positives)
     return reference_loss(emb, texts, scale, loss.directions, loss.mask_duplicates)
@@ -181,6 +190,7 @@ def run(model_dir: str, guide_dir: str, stage: int, budget: str, loss_name: str,
             "trained_tensors": len(trained),
             "frozen_moved": frozen_moved,
             "largest_frozen_partitioned": largest_frozen_partitioned(engine.module),
+            "masked_fraction": metrics.get("guide_masked_fraction_anchor_doc"),
             "checkpointing": bool(getattr(engine.module.model[0].auto_model, "is_gradient_checkpointing", False)),
         }
     hook.remove()

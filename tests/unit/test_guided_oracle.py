@@ -28,7 +28,7 @@ def ours(student, guide, texts, loss):
     emb = torch.stack([student(dict(student.tokenizer(col, padding=True, truncation=True, max_length=64,
                                                        return_tensors="pt")))["sentence_embedding"]
                        for col in columns], dim=1)
-    guide_emb = torch.stack([loss.guide_model.embed(col) for col in columns], dim=1)
+    guide_emb = None if loss.self_guided else torch.stack([loss.guide_model.embed(col) for col in columns], dim=1)
     hashes = text_hashes([t for col in columns for t in col]).view(len(columns), N).T.contiguous()
     result = loss.compute(emb.detach(), hashes, 0, N, 1 / TEMPERATURE, guide_emb)
     emb.backward(result.grad)
@@ -61,3 +61,35 @@ def test_matches_gist_embed_loss(models, negatives, contrast, strategy, margin, 
     got, want = grads(student), grads(oracle_student)
     assert float((got - want).norm() / want.norm()) < 1e-5
     assert 0 < metrics["guide_masked_fraction_anchor_doc"] < 1  # the guide masks some candidates, not all
+
+
+@pytest.mark.parametrize("margin", [0.0, -0.02])
+def test_self_guided_matches_gist_embed_loss_with_the_student_as_its_own_guide(models, margin):
+    """guide="self" is GISTEmbedLoss whose guide is the student (no dropout: its no-grad pass equals pass 1).
+
+    A negative margin masks only the candidates scoring above the positive by that much (Qwen3-Embedding's rule).
+    """
+    student_dir, _ = models
+    texts = corpus(N, 1, seed=21)
+    student = load_model(student_dir)
+    value, metrics = ours(student, None, texts, GuidedInfoNCE(guide="self", temperature=TEMPERATURE, margin=margin))
+    assert GuidedInfoNCE(guide="self").guide_model is None  # no second model
+
+    oracle_student = load_model(student_dir)
+    oracle = GISTEmbedLoss(oracle_student, oracle_student, temperature=TEMPERATURE, margin=margin)
+    expected = oracle([oracle_student.preprocess(col) for col in texts.values()], None)
+    expected.backward()
+    assert value == pytest.approx(expected.item(), rel=1e-5)
+    got, want = grads(student), grads(oracle_student)
+    assert float((got - want).norm() / want.norm()) < 1e-5
+    assert 0 < metrics["guide_masked_fraction_anchor_doc"] < 1
+
+
+def test_guide_self_in_a_config_builds_the_self_guided_loss(tmp_path):
+    from ds_contrastive.run.config import load_train_config
+    from ds_contrastive.run.setup import build_loss
+
+    (tmp_path / "run.yaml").write_text("guide: self\nmargin: -0.1\nmatryoshka_dims: [32, 16]\n")
+    loss = build_loss(load_train_config(tmp_path / "run.yaml", {}))
+    assert loss.loss.self_guided and loss.loss.margin == -0.1 and loss.guide_model is None
+    assert build_loss(load_train_config(None, {"guide": "self"})).self_guided
