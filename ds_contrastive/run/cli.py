@@ -14,6 +14,12 @@ a run (parameters, gradients, optimizer state, activations, kept graphs,
 gathered embeddings, loss tiles) before starting it, suggests
 ``chunk_tokens`` and ``retain_tokens``, or says what does not fit and what to
 change (:mod:`~ds_contrastive.run.memory_plan`); ``--json`` for scripts.
+
+``ds-contrastive mine --pairs FILE --output FILE ...`` mines hard negatives
+for (anchor, positive) pairs with sentence-transformers' selection options
+(:mod:`~ds_contrastive.mining`); ``deepspeed --module ds_contrastive.mining``
+or ``torchrun -m ds_contrastive.mining`` runs it on several ranks;
+``ds-contrastive mine --help`` lists its options.
 """
 
 from __future__ import annotations
@@ -142,7 +148,15 @@ def main(argv: list[str] | None = None) -> None:
     report.add_argument("--out", metavar="DIR", help="write the page and its PNGs here (default: RUN_DIR/report)")
     plan = commands.add_parser("plan", help="estimate one rank's GPU memory; suggest chunk_tokens, retain_tokens")
     add_plan_arguments(plan)
-    args = parser.parse_args(argv)
+    # its own parser reads the rest (kept out of here: its defaults import torch)
+    commands.add_parser("mine", help="mine hard negatives for (anchor, positive) pairs", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "mine":
+        from ..mining.cli import main as mine
+
+        return mine(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "env":
         info = environment()
         if args.json:
