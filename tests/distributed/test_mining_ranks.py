@@ -100,6 +100,8 @@ def jobs(tiny_model_dir, tmp_path_factory):
         "top": {**data, "output": str(root / "top2.jsonl"), "rules": TOP},
         "random": {**data, "output": str(root / "random2.parquet"), "rules": RANDOM, "seed": 3},
         "empty_text": {**data, "pairs": bad_pairs, "output": str(root / "x.jsonl")},
+        # found by rank 0 alone (it writes): rank 1 must stop with the same error, not wait in a collective
+        "output_exists": {**data, "output": str(root / "top2.jsonl"), "rules": TOP},
         "missing_column": {**data, "corpus_column": "text", "output": str(root / "x.jsonl")},
         "corpus_smaller_than_k": {"pairs": bad_pairs.replace("bad", "tiny"), "output": str(root / "x.jsonl")},
         "duplicate_pair": {"pairs": write_jsonl(root / "dup.jsonl", [{"anchor": "a", "positive": "b"}] * 2),
@@ -153,6 +155,7 @@ def test_random_sampling_on_two_ranks_equals_single_process(jobs, tiny_model_dir
     ("corpus_smaller_than_k", "DataError: the corpus holds 3 distinct texts (positives included), fewer than "
                               "num_negatives=3 plus the 1 positive(s)"),
     ("duplicate_pair", "DataError: {root}/dup.jsonl: rows 0 and 1 (0-based) hold the same (anchor, positive) pair"),
+    ("output_exists", "ConfigError: --output {root}/top2.jsonl exists; pass --overwrite to replace it"),
 ])
 def test_bad_inputs_stop_every_rank_with_the_same_error(jobs, case, message):
     root, two, _, _ = jobs
