@@ -34,7 +34,6 @@ import torch.distributed as dist
 
 from ..core.collectives import all_gather_objects, first_error
 from ..core.runtime import world
-from ..data.files import columns_digest
 from ..errors import ConfigError, DataError, OutputDirError, RankFailure
 from ..run.options import BUILTIN_MODEL
 from .embed import embed_share, share_size
@@ -91,7 +90,9 @@ def mine(options: MiningOptions) -> MiningResult | None:
     rank = world()[0]
     device = compute_device()
     data, model = agreed(lambda: setup(options, rank))  # 1. read
-    check_same_data(data)
+    from ..run.setup import check_same_data
+
+    check_same_data({"queries": data.queries, "corpus": data.corpus}, "data to mine")
     window_end = options.rules.window_end(data.max_positives)
     k = min(options.rules.candidates(data.max_positives), len(data.corpus))
     seconds: dict[str, float] = {}
@@ -136,15 +137,6 @@ def mine(options: MiningOptions) -> MiningResult | None:
     rules = {name: getattr(options.rules, name) for name in report.skipped}
     return MiningResult(Path(options.output), plot, len(data.queries), len(data.corpus), writer.rows,
                         report.dropped_rows, report.table(rules), seconds)
-
-
-def check_same_data(data: MiningData) -> None:
-    """Every rank must read the same queries and corpus (each searches its share, all loop over the same blocks)."""
-    seen = all_gather_objects((len(data.queries), len(data.corpus), columns_digest({"queries": data.queries,
-                                                                                    "corpus": data.corpus})))
-    if len(set(seen)) > 1:
-        counts = ", ".join(f"rank {r}: {q} queries, {c} documents" for r, (q, c, _) in enumerate(seen))
-        raise DataError(f"ranks read different data ({counts}); give every rank the same files")
 
 
 def setup(options: MiningOptions, rank: int) -> tuple[MiningData, object]:

@@ -197,17 +197,18 @@ def load_eval_data(cfg: DataOptions) -> dict[str, list[str]] | None:
             "positive": [cfg.document_prefix + t for t in data["positive"]]}
 
 
-def check_same_data(data: dict[str, list[str]]) -> str:
+def check_same_data(data: dict[str, list[str]], what: str = "training data") -> str:
     """Every rank must read the same rows (each derives its shards and step count from them); return their digest.
 
     A file that differs between nodes, or built-in pairs from different Python
     builds, would otherwise make ranks disagree on batches or hang at the end.
+    Collective; raised on every rank alike.
     """
     digest = columns_digest(data)
     seen = all_gather_objects((len(next(iter(data.values()))), digest))
     if len(set(seen)) > 1:
         rows = ", ".join(f"rank {r}: {n} rows" for r, (n, _) in enumerate(seen))
-        raise ValueError(f"ranks read different training data ({rows}); give every rank the same files")
+        raise DataError(f"ranks read different {what} ({rows}); give every rank the same files")
     return digest
 
 
