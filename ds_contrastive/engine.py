@@ -8,7 +8,6 @@ the step and why it is exact), then one ``engine.step()``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import time
@@ -30,7 +29,7 @@ from .losses.infonce import InfoNCE
 from .losses.matryoshka import Matryoshka, check_dims
 from .run import checkpoint
 from .run.retrieval import sharded_retrieval_metrics
-from .run.saving import save_consolidated
+from .run.saving import gathered, save_consolidated
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -300,7 +299,5 @@ class ContrastiveEngine:
         log_scale = self.module.log_scale
         if log_scale is None:
             return self.loss.temperature
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([log_scale]) if self.zero_stage == 3 else contextlib.nullcontext():
+        with gathered([log_scale], self.zero_stage == 3):
             return 1.0 / float(log_scale.detach().float().exp().clamp(max=self.loss.max_scale))
