@@ -19,7 +19,7 @@ import torch
 
 from .core.backends import DeepSpeedBackend
 from .core.chunks import ChunkCosts, ChunkPlan
-from .core.embedding_module import EmbeddingModule
+from .core.embedding_module import EmbeddingModule, logit_scale
 from .core.runtime import init_process_group, world
 from .core.shard import tokenizer_settings
 from .core.step import CachedStep, Prepared
@@ -300,4 +300,4 @@ class ContrastiveEngine:
         if log_scale is None:
             return self.loss.temperature
         with gathered([log_scale], self.zero_stage == 3):
-            return 1.0 / float(log_scale.detach().float().exp().clamp(max=self.loss.max_scale))
+            return 1.0 / float(logit_scale(log_scale.detach(), self.loss.max_scale))

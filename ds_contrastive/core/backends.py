@@ -24,12 +24,17 @@ from typing import Any, Protocol
 
 import torch
 
+from .embedding_module import LOGIT_SCALE
+
 Unpack = Callable[[Any], tuple[torch.Tensor, torch.Tensor | None]]
 
 
-def sentence_embedding(output: dict[str, torch.Tensor]) -> tuple[torch.Tensor, None]:
-    """A SentenceTransformer's output: its ``sentence_embedding``, no learnable scale."""
-    return output["sentence_embedding"], None
+def sentence_embedding(output: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A SentenceTransformer's output: its ``sentence_embedding``, and the learnable scale if it carries one.
+
+    (:func:`~ds_contrastive.core.embedding_module.attach_log_scale` gives it one for the Trainer.)
+    """
+    return output["sentence_embedding"], output.get(LOGIT_SCALE)
 
 
 def embedding_and_scale(output: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -365,7 +365,7 @@ class CachedStep:
             if keep:
                 graphs.append((emb, learned))
             outputs.append(emb.detach())
-        scale = float(learned) if learned is not None else 1.0 / self.loss.temperature
+        scale = float(learned.detach()) if learned is not None else 1.0 / self.loss.temperature
         return by_row(chunks.unsort(outputs), rows), scale
 
     def _pass2(self, backend: Backend, chunks: Chunks, graphs: list[Embedded], grad: torch.Tensor,
@@ -382,7 +382,8 @@ class CachedStep:
                         with self._seeded(backend.device, step, c):
                             emb, learned = backend.forward(chunks.features(c))
                     surrogate = (emb.float() * grads[c]).sum()
-                    if learned is not None and c == 0:
+                    # the scale's gradient rides on the last chunk, whose backward is the one DDP reduces in
+                    if learned is not None and c == len(chunks) - 1:
                         surrogate = surrogate + learned * (grad_scale * size)
                     backend.backward(surrogate)
 

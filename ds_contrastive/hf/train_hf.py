@@ -5,33 +5,82 @@ Every ``SentenceTransformerTrainingArguments`` option (``--deepspeed``,
 ``--save_steps``, ``--resume_from_checkpoint`` ...) is parsed by
 ``HfArgumentParser``, next to :class:`ContrastiveArguments` (model, data,
 loss, chunking). ``--help`` lists both with their defaults. Without
-``--train_data`` (the built-in pairs) it runs a short demo:
+``--train_data`` or ``--datasets`` (the built-in pairs) it runs a short demo:
 :data:`DEMO_DEFAULTS` unless given.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 
 from ..core.runtime import share_cpu_threads, shutdown, skip_shm_comm_op
 from ..data.mixture import by_role
-from ..run.config import RefusingParser
+from ..errors import ConfigError
+from ..run.config import RefusingParser, check_dataset_entry
 from ..run.console import clean_errors, quiet_other_ranks
-from ..run.options import ChunkingOptions, DataOptions, LossOptions, ModelOptions
-from ..run.setup import build_loss, build_model, load_eval_data, load_train_data, step_options
+from ..run.options import BUILTIN_DATA, ChunkingOptions, DataOptions, LossOptions, ModelOptions, option
+from ..run.setup import build_loss, build_model, load_eval_data, load_train_data, read_dataset_entry, step_options
+from .batches import WeightedBatchSampler
 
 
 @dataclass
 class ContrastiveArguments(ChunkingOptions, LossOptions, DataOptions, ModelOptions):  # --help: model first
     """What to train on and with which loss; the Trainer's own options come from its arguments.
 
-    Every field is a shared option group of :mod:`~ds_contrastive.run.options`,
-    the same as ``launch/train.py``'s (the Trainer has no learnable temperature).
+    Every field but ``datasets`` is a shared option group of
+    :mod:`~ds_contrastive.run.options`, the same as ``launch/train.py``'s;
+    ``datasets`` takes ``launch/train.py``'s entries as JSON (a command line
+    has no YAML lists).
     """
+
+    datasets: str | None = option(
+        None, "several datasets instead of train_data: a JSON list of launch/train.py's datasets entries (path, name, "
+              "weight, anchor_column, positive_column, negative_columns, query_prefix, document_prefix, "
+              "max_examples), or a .json/.yaml file holding one. Every global batch comes from one dataset: drawn by "
+              "weight when an entry has one, else in --multi_dataset_batch_sampler's order")
+
+
+def dataset_entries(value: str) -> list[dict[str, Any]]:
+    """``--datasets``: the JSON list itself, or a .json/.yaml file holding it; each entry checked, names unique."""
+    path = Path(value)
+    try:
+        if path.suffix in (".json", ".yaml", ".yml") and path.is_file():
+            entries = yaml.safe_load(path.read_text())  # JSON is YAML
+        else:
+            entries = json.loads(value)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise ConfigError(f"--datasets: neither a JSON list nor a readable .json/.yaml file ({e})") from None
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"--datasets must be a non-empty list of entries, got {type(entries).__name__}")
+    for i, entry in enumerate(entries):
+        check_dataset_entry(i, entry)
+    names = [entry.get("name", Path(entry["path"]).stem) for entry in entries]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"--datasets: names must be unique (a file's stem unless named), got {names}")
+    return entries
+
+
+def load_datasets(args: ContrastiveArguments, training_args: Any) -> Any:
+    """``--datasets`` as a DatasetDict (columns renamed to roles, prefixes applied), and their weighted draw if any."""
+    from datasets import Dataset, DatasetDict
+
+    entries = [read_dataset_entry(entry, args) for entry in dataset_entries(args.datasets)]
+    weights = [entry.weight for entry in entries]
+    if any(w is not None for w in weights):  # launch/train.py's mixture draw, in place of the sampler argument
+        training_args.multi_dataset_batch_sampler = functools.partial(
+            WeightedBatchSampler, weights=[1.0 if w is None else w for w in weights])
+    return DatasetDict({entry.name: Dataset.from_dict(by_role(entry.data, entry.anchor_column, entry.positive_column,
+                                                              entry.query_prefix, entry.document_prefix))
+                        for entry in entries})
 
 
 def retrieval_evaluator(pairs: dict[str, list[str]]):
@@ -63,7 +112,7 @@ def parse(argv: list[str] | None = None):
     # Without a GPU, accelerate counts one process under the deepspeed launcher unless told the run is on CPU.
     parser.set_defaults(use_cpu=not torch.cuda.is_available(), output_dir="outputs/train_hf")
     given = sys.argv[1:] if argv is None else argv
-    if not any(arg == "--train_data" or arg.startswith("--train_data=") for arg in given):
+    if not any(arg.split("=")[0] in ("--train_data", "--datasets") for arg in given):
         parser.set_defaults(**DEMO_DEFAULTS)
     # ConfigError: the shared options' check, or a bad command line
     training_args, args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
@@ -71,6 +120,8 @@ def parse(argv: list[str] | None = None):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.eval_data in ("none", ""):
         args.eval_data = None
+    if args.datasets and args.train_data != BUILTIN_DATA:
+        raise ConfigError("set --train_data or --datasets, not both")
     return training_args, args
 
 
@@ -95,12 +146,16 @@ def _main(argv: list[str] | None) -> None:
     from .trainer import ContrastiveTrainer
 
     training_args, args = parse(argv)
-    data = load_train_data(args)  # the Trainer reads the columns in order: anchor, positive, negatives
-    data = by_role(data, args.anchor_column, args.positive_column, args.query_prefix, args.document_prefix)
+    if args.datasets:
+        train_dataset = load_datasets(args, training_args)
+    else:  # the Trainer reads the columns in order: anchor, positive, negatives
+        data = load_train_data(args)
+        train_dataset = Dataset.from_dict(
+            by_role(data, args.anchor_column, args.positive_column, args.query_prefix, args.document_prefix))
     eval_pairs = load_eval_data(args)
     model, _ = build_model(args, training_args.seed)
     trainer = ContrastiveTrainer(
-        model=model, args=training_args, train_dataset=Dataset.from_dict(data), loss=build_loss(args),
+        model=model, args=training_args, train_dataset=train_dataset, loss=build_loss(args),
         evaluator=retrieval_evaluator(eval_pairs) if eval_pairs else None, save_adapter_only=args.save_adapter_only,
         **step_options(args))
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

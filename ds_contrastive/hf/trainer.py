@@ -28,57 +28,46 @@ arguments, made before the Trainer, start DeepSpeed's process group.
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
+from datasets import Dataset, DatasetDict, IterableDatasetDict
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader
 from transformers import Trainer
 
 from ..core.backends import Backend, DeepSpeedBackend, TorchBackend, sentence_embedding
 from ..core.chunks import ChunkCosts
-from ..core.runtime import skip_shm_comm_op
+from ..core.collectives import all_gather_objects
+from ..core.embedding_module import attach_log_scale, logit_scale
+from ..core.runtime import skip_shm_comm_op, world
 from ..core.shard import tokenizer_settings
 from ..core.step import CachedStep
 from ..losses.infonce import InfoNCE
-from ..losses.matryoshka import Matryoshka, check_dims
+from ..losses.matryoshka import check_dims
 from ..run.adapters import lora_layers
 from ..run.checkpoint import weights_only_loads
 from ..run.saving import save_consolidated
+from .batches import AtLeastRows, RankShare
+from .inputs import (
+    Objective,
+    RawTextCollator,
+    as_dataset_dict,
+    check_arguments,
+    check_prompts,
+    learned_temperature,
+    named_columns,
+    objective_of,
+)
 
 skip_shm_comm_op()
 
-RESERVED_COLUMNS = ("label", "score", "dataset_name", "return_loss")
 
-
-class RawTextCollator:
-    """Collate rows into ``{column: [raw strings]}`` in the dataset's column order.
-
-    ds_contrastive tokenizes inside the step (length-sorted chunks, per-rank),
-    so the collator only groups strings. ``prompts`` follows
-    sentence-transformers: one string prefixed to every column, or a
-    ``{column: prompt}`` mapping. Values are not checked here (one rank's
-    collator failing would leave the others waiting); the step checks them
-    on every rank and raises the same error everywhere.
-    """
-
-    def __init__(self, prompts: str | dict[str, str] | None = None) -> None:
-        self.prompts = prompts
-        self.valid_label_columns = ["label", "score"]  # read by sentence-transformers' batch samplers
-
-    def prompt(self, column: str) -> str:
-        if isinstance(self.prompts, str):
-            return self.prompts
-        return (self.prompts or {}).get(column, "")
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
-        batch = {}
-        for column in rows[0]:
-            prefix = self.prompt(column)
-            batch[column] = [prefix + r[column] if prefix and isinstance(r[column], str) else r[column] for r in rows]
-        return batch
 
 
 class ContrastiveObjective(nn.Module):
@@ -91,10 +80,10 @@ class ContrastiveObjective(nn.Module):
     through ``forward``.
     """
 
-    def __init__(self, model: SentenceTransformer, objective: InfoNCE | Matryoshka) -> None:
+    def __init__(self, model: SentenceTransformer, objective: Objective | dict[str, Objective]) -> None:
         super().__init__()
         self.model = model
-        self.objective = objective  # a plain object: its guide stays out of the optimizer and off ZeRO
+        self.objective = objective  # plain objects: a guide stays out of the optimizer and off ZeRO
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise RuntimeError(
@@ -107,9 +96,21 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
 
     The global batch is ``per_device_train_batch_size x world size``; its loss
     and gradient are those of one full batch, whatever ``chunk_tokens`` /
-    ``chunk_rows`` cut it into. Column convention as in sentence-transformers:
+    ``chunk_rows`` cut it into. It is drawn alike on every rank and each rank
+    embeds its share (:mod:`~ds_contrastive.hf.batches`). Column convention as in sentence-transformers:
     the first column is the anchor, the second the positive, every further
     column a hard negative; a ``label`` or ``score`` column is refused.
+
+    Several datasets, as sentence-transformers takes them: a ``DatasetDict``
+    (or dict of datasets) as ``train_dataset``, each with its own columns and
+    hard-negative count. Every global batch comes from one dataset, on every
+    rank, in the order of ``args.multi_dataset_batch_sampler`` (PROPORTIONAL,
+    ROUND_ROBIN, or a sampler class such as
+    :class:`~ds_contrastive.hf.batches.WeightedBatchSampler`), seeded by
+    ``args.seed`` and the epoch, so a resumed run continues the same sequence.
+    ``loss`` and ``args.prompts`` may be dicts keyed by dataset name; each
+    dataset's loss and accuracy are logged as ``<name>/loss`` (``train/<name>/loss``
+    in W&B), and an ``eval_dataset`` ``DatasetDict`` gives ``eval_<name>_loss``.
 
     Args:
         model: the ``SentenceTransformer`` to train.
@@ -118,7 +119,16 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
             instead: the cache makes that free in memory) and fp16 is refused
             (use bf16).
         loss: :class:`~ds_contrastive.InfoNCE`, :class:`~ds_contrastive.GuidedInfoNCE`
-            or :class:`~ds_contrastive.Matryoshka` of either; fixed temperature.
+            or :class:`~ds_contrastive.Matryoshka` of either, or a dict of them by
+            dataset name. A learnable
+            temperature's ``log_scale`` is a parameter of the SentenceTransformer
+            itself (see :func:`~ds_contrastive.core.embedding_module.attach_log_scale`),
+            so the Trainer's optimizer (without weight decay), DeepSpeed (ZeRO
+            0-3) and its checkpoints hold it like any weight; ``save_model``
+            leaves it out of the model's files and writes the temperature to
+            ``ds_contrastive.json``, as :meth:`ContrastiveEngine.save` does.
+            Across datasets it is one parameter: every loss learns it, from the
+            same temperature, or none does.
         chunk_tokens, chunk_rows: the most padded tokens and rows of one
             encoder forward call (memory caps: memory is set by these, not by
             the batch; within them the planner cuts where the time is least).
@@ -138,45 +148,46 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
     """
 
     def __init__(self, model: SentenceTransformer, args: SentenceTransformerTrainingArguments | None = None,
-                 train_dataset: Any = None, eval_dataset: Any = None, loss: InfoNCE | Matryoshka | None = None,
-                 chunk_tokens: int | None = 16384, chunk_rows: int | None = None, max_length: int | None = None,
-                 retain_tokens: int | str = "auto", planner: str = "fastest", chunk_costs: ChunkCosts | None = None,
+                 train_dataset: Any = None, eval_dataset: Any = None,
+                 loss: Objective | dict[str, Objective] | None = None, chunk_tokens: int | None = 16384,
+                 chunk_rows: int | None = None, max_length: int | None = None, retain_tokens: int | str = "auto",
+                 planner: str = "fastest", chunk_costs: ChunkCosts | None = None,
                  retain_memory_fraction: float = 0.5, retain_memory_gb: float | None = None,
                  save_adapter_only: bool = False, **kwargs: Any) -> None:
-        objective = loss or InfoNCE()
-        if objective.learnable_temperature:
-            raise ValueError(
-                "ContrastiveTrainer takes a fixed temperature (learnable_temperature=False): the Trainer's "
-                "model and optimizer hold only the SentenceTransformer; train a learnable temperature with "
-                "ContrastiveEngine / launch/train.py")
         if args is not None:
             check_arguments(args)
-        columns = [dataset_columns(d, name) for d, name in ((train_dataset, "train"), (eval_dataset, "eval"))
-                   if d is not None]
         if "data_collator" in kwargs:
             raise ValueError("ContrastiveTrainer brings its own raw-text collator; do not pass data_collator")
-        if len(columns) == 2 and columns[1][:2] != columns[0][:2]:
-            raise ValueError(f"eval_dataset's anchor and positive columns {columns[1][:2]} differ from "
-                             f"train_dataset's {columns[0][:2]}")
-        check_dims(model, objective)
+        loss = InfoNCE() if loss is None else loss
+        train_dataset, eval_dataset = as_dataset_dict(train_dataset), as_dataset_dict(eval_dataset)
+        columns = named_columns(train_dataset, eval_dataset)
+        objectives = {name: objective_of(loss, name, train_dataset, eval_dataset) for name in columns}
+        for objective in {id(o): o for o in objectives.values()}.values():
+            check_dims(model, objective)
+        learned = learned_temperature(list(objectives.values()))
         if save_adapter_only and not lora_layers(model):
             raise ValueError("save_adapter_only needs a model with LoRA adapters (peft)")
-        if args is not None and args.prompts and any(getattr(m, "include_prompt", True) is False for m in model):
-            raise ValueError("prompts with a Pooling module that excludes prompt tokens (include_prompt=False) are "
-                             "not supported: the step pools every token it embeds")
+        if args is not None and args.prompts:
+            check_prompts(args.prompts, model, [name for name in columns if name is not None])
+        if learned is not None:  # before the optimizer is built from the model's parameters
+            attach_log_scale(model, learned.initial_log_scale(), learned.max_scale)
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         loss=ContrastiveObjective(model, objective),
+                         loss=ContrastiveObjective(model, loss),
                          data_collator=RawTextCollator(args.prompts if args is not None else None), **kwargs)
         check_arguments(self.args)
-        anchor, positive = columns[0][:2] if columns else ("anchor", "positive")
         length, lowercase = tokenizer_settings(model, max_length)
-        self.cached_step = CachedStep(
-            objective, model.tokenizer, max_length=length, lowercase=lowercase, chunk_tokens=chunk_tokens,
-            chunk_rows=chunk_rows, anchor_column=anchor, positive_column=positive, seed=self.args.seed,
+        # one step per dataset (None: a single Dataset): its loss and its columns; the encoder is shared
+        self.steps = {name: CachedStep(
+            objectives[name], model.tokenizer, max_length=length, lowercase=lowercase, chunk_tokens=chunk_tokens,
+            chunk_rows=chunk_rows, anchor_column=cols[0], positive_column=cols[1], seed=self.args.seed,
             retain_tokens=retain_tokens, planner=planner, chunk_costs=chunk_costs,
             retain_memory_fraction=retain_memory_fraction, retain_memory_gb=retain_memory_gb)
-        if self.cached_step.guide is not None:
-            self.cached_step.guide.to(self.args.device)
+            for name, cols in columns.items()}
+        for step in self.steps.values():
+            if step.guide is not None:
+                step.guide.to(self.args.device)
+        self.learned = learned
+        self.dataset_metrics = DatasetMetrics()
         self.deepspeed_grad_norm: float | None = None
         self.save_adapter_only = save_adapter_only
 
@@ -200,7 +211,10 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
         model.train()
         t0 = time.perf_counter()
         backend = self.backend(model)
-        out = self.cached_step.forward_backward(inputs, backend, self.state.global_step)
+        dataset = inputs.pop("dataset_name", None)
+        if dataset is not None:
+            check_same_dataset(dataset)
+        out = self.steps[dataset].forward_backward(inputs, backend, self.state.global_step)
         t1 = time.perf_counter()
         if isinstance(backend, DeepSpeedBackend) and out.finite:
             # what accelerator.backward does at a boundary; the Trainer's optimizer.step() is a no-op here
@@ -211,13 +225,95 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
         metrics = {**out.report(t2 - t0, backend.device), "skipped": float(not out.finite)}
         if isinstance(backend, DeepSpeedBackend):
             metrics["time_optimizer"] = t2 - t1
+        if dataset is not None:
+            self.dataset_metrics.add(dataset, metrics)
         return self.track(metrics, backend.device)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """The Trainer's log, with the gradient norm DeepSpeed leaves out at ZeRO-0."""
-        if "loss" in logs and logs.get("grad_norm") is None and self.deepspeed_grad_norm is not None:
-            logs = {**logs, "grad_norm": self.deepspeed_grad_norm}
+        """The Trainer's log, with each dataset's own training (``<name>/loss``) and evaluation metrics.
+
+        Also the gradient norm DeepSpeed leaves out at ZeRO-0. A ``DatasetDict``
+        eval logs ``eval_<name>_loss`` (the Trainer's per-dataset evaluation) and
+        here ``eval_<name>_accuracy`` and the other step metrics beside it.
+        """
+        if "loss" in logs:
+            logs = {**logs, **self.dataset_metrics.means()}
+            if logs.get("grad_norm") is None and self.deepspeed_grad_norm is not None:
+                logs["grad_norm"] = self.deepspeed_grad_norm
+        evaluated = [name for name in self.steps if name is not None and f"eval_{name}_loss" in logs]
+        if evaluated:  # sentence-transformers only averages its eval components under a plain "eval_loss"
+            logs = {**logs, **eval_means(self.accum_loss_components["eval"], f"eval_{evaluated[0]}_")}
         super().log(logs, start_time)
+
+    @property
+    def log_scale(self) -> nn.Parameter | None:
+        """The learnable temperature's log logit-scale, a parameter of the model; ``None`` for a fixed temperature."""
+        return self.model._parameters.get("log_scale") if self.learned is not None else None
+
+    def temperature(self, dataset: str | None = None) -> float:
+        """The current temperature (the learned one if it is learnable); its parameter must be whole (ZeRO-3).
+
+        ``dataset``: whose fixed temperature (default: the first dataset's).
+        """
+        if self.log_scale is not None:
+            return 1.0 / float(logit_scale(self.log_scale.detach(), self.learned.max_scale))
+        return self.steps[dataset if dataset in self.steps else next(iter(self.steps))].loss.temperature
+
+    def get_train_dataloader(self) -> DataLoader:
+        """Global batches drawn alike on every rank, each rank reading its share (see :mod:`.batches`).
+
+        sentence-transformers' ``batch_sampler`` and ``multi_dataset_batch_sampler``
+        choose the batches, at the global batch size; a ``DatasetDict`` gives
+        every global batch from one dataset. (An ``IterableDataset`` keeps the
+        Trainer's own loader.)
+        """
+        dataset = self.train_dataset
+        if not isinstance(dataset, (Dataset, DatasetDict)):
+            return super().get_train_dataloader()
+        rank, ranks = world()
+        generator = torch.Generator()
+        if self.args.seed is not None:
+            generator.manual_seed(self.args.seed)
+        parts = list(dataset.values()) if isinstance(dataset, DatasetDict) else [dataset]
+        samplers = [AtLeastRows(self.get_batch_sampler(
+            part, batch_size=self.args.train_batch_size * ranks, drop_last=self.args.dataloader_drop_last,
+            valid_label_columns=self.data_collator.valid_label_columns, generator=generator, seed=self.args.seed),
+            len(part), ranks) for part in parts]
+        if isinstance(dataset, DatasetDict):
+            dataset = ConcatDataset(parts)
+            sampler = self.get_multi_dataset_batch_sampler(dataset, samplers, generator, self.args.seed)
+        else:
+            sampler = samplers[0]
+        workers = self.args.dataloader_num_workers
+        return DataLoader(dataset, batch_sampler=RankShare(sampler, rank, ranks), collate_fn=self.data_collator,
+                          num_workers=workers, pin_memory=self.args.dataloader_pin_memory,
+                          persistent_workers=self.args.dataloader_persistent_workers and workers > 0,
+                          prefetch_factor=self.args.dataloader_prefetch_factor if workers > 0 else None)
+
+    def should_dataset_name_column_be_added(self, dataset: Any, args: Any, loss: Any) -> bool:
+        """Every dataset of a ``DatasetDict`` names itself in its batches: each has its own columns and step."""
+        return isinstance(dataset, (DatasetDict, IterableDatasetDict))
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """The Trainer's decayed parameters, less the learnable log_scale (never decayed, as in the engine)."""
+        return [n for n in super().get_decay_parameter_names(model) if n.split(".")[-1] != "log_scale"]
+
+    def _load_from_checkpoint(self, checkpoint_path: str) -> None:
+        # Without DeepSpeed a checkpoint is the saved SentenceTransformer, which has no log_scale (its save leaves
+        # the root's own parameter out): sentence-transformers' strict load_state_dict() is run without it, and
+        # its value comes from the checkpoint's ds_contrastive.json.
+        log_scale = self.log_scale
+        if log_scale is None:
+            return super()._load_from_checkpoint(checkpoint_path)
+        params = self.model._parameters
+        del params["log_scale"]
+        try:
+            super()._load_from_checkpoint(checkpoint_path)
+        finally:
+            params["log_scale"] = log_scale
+        info = json.loads((Path(checkpoint_path) / "ds_contrastive.json").read_text())
+        with torch.no_grad():
+            log_scale.fill_(info["log_scale"])
 
     def _load_best_model(self) -> None:
         # sentence-transformers' version load_state_dict()s into the model, which fails on ZeRO-3's
@@ -237,8 +333,9 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
         while the encoder still runs without grad.
         """
         backend = self.backend(model)
+        dataset = inputs.pop("dataset_name", None)
         with torch.enable_grad():
-            out = self.cached_step.evaluate(inputs, backend, self.state.global_step)
+            out = self.steps[dataset].evaluate(inputs, backend, self.state.global_step)
         loss = self.track(out.metrics, backend.device)
         return (loss, {}) if return_outputs else loss
 
@@ -268,42 +365,57 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
         output_dir = output_dir or self.args.output_dir
         zero3 = any(hasattr(p, "ds_id") for p in self.model.parameters())  # also partitioned at load, before any engine
         weights = "as_is" if _internal_call else "adapter" if self.save_adapter_only else "merged"
-        save_consolidated(self.model, zero3, self.args.should_save, lambda: self._save(output_dir), output_dir,
-                          weights)
+
+        def write() -> None:  # the learnable log_scale is among the parameters gathered whole here
+            self._save(output_dir)
+            info = {"temperature": self.temperature(), "global_step": self.state.global_step}
+            if len(self.steps) > 1:
+                info["temperatures"] = {str(name): self.temperature(name) for name in self.steps}
+            if self.log_scale is not None:  # exact, for resuming a checkpoint without DeepSpeed
+                info["log_scale"] = float(self.log_scale.detach()[0])
+            (Path(output_dir) / "ds_contrastive.json").write_text(json.dumps(info, indent=2) + "\n")
+
+        save_consolidated(self.model, zero3, self.args.should_save, write, output_dir, weights)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
 
-def check_arguments(args: SentenceTransformerTrainingArguments) -> None:
-    """Refuse training arguments the exact step cannot honour, naming the argument."""
-    if args.gradient_accumulation_steps != 1:
-        raise ValueError(
-            f"gradient_accumulation_steps={args.gradient_accumulation_steps}: ContrastiveTrainer's global batch "
-            "is one step's negatives; accumulating steps would change the loss. Raise "
-            "per_device_train_batch_size instead (memory is set by chunk_tokens, not by the batch)")
-    if args.fp16 or getattr(args, "mixed_precision", None) == "fp16":  # accelerate can set it without fp16=True
-        raise ValueError("fp16 is not supported (loss scaling of the cached gradient); use bf16")
-    checkpointing = getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", None)
-    options = (getattr(args, "activation_checkpointing_kwargs", None)
-               or getattr(args, "gradient_checkpointing_kwargs", None) or {})
-    if checkpointing and isinstance(options, dict) and options.get("use_reentrant"):
-        raise ValueError("gradient checkpointing with use_reentrant=True is not supported by the cached step (a "
-                         "chunk's inputs need no gradient, so reentrant checkpoints give their layers none); leave "
-                         "use_reentrant unset or False: non-reentrant checkpointing is exact")
+def check_same_dataset(name: str) -> None:
+    """Raise on every rank if the ranks' shards of this step come from different datasets (one negatives pool)."""
+    names = all_gather_objects(name)
+    if len(set(names)) > 1:
+        raise RuntimeError(f"one step's shards come from different datasets on different ranks ({names}): a global "
+                           "batch must come from one dataset; ContrastiveTrainer's train dataloader draws it so")
 
 
-def dataset_columns(dataset: Any, name: str) -> list[str]:
-    """The columns of a train/eval dataset: anchor, positive, then hard negatives; refuse what cannot train."""
-    if isinstance(dataset, dict):
-        raise TypeError(
-            f"{name}_dataset is a dict of datasets: ContrastiveTrainer trains on one dataset (a global batch "
-            "must come from one dataset on every rank); concatenate them or train one at a time")
-    columns = list(getattr(dataset, "column_names", None) or [])
-    if len(columns) < 2:
-        raise ValueError(f"{name}_dataset needs an anchor and a positive column, got columns {columns}")
-    reserved = [c for c in columns if c in RESERVED_COLUMNS]
-    if reserved:
-        raise ValueError(
-            f"{name}_dataset has column(s) {reserved}: contrastive losses take (anchor, positive, negatives...) "
-            "text columns only; remove labels/scores with dataset.remove_columns")
-    return columns
+class DatasetMetrics:
+    """Each dataset's training loss and accuracy, averaged over the steps it had since the last log."""
+
+    KEYS = ("loss", "accuracy")
+
+    def __init__(self) -> None:
+        self.sums: dict[str, dict[str, float]] = {}
+
+    def add(self, dataset: str, metrics: dict[str, float]) -> None:
+        sums = self.sums.setdefault(dataset, dict.fromkeys(("steps", *self.KEYS), 0.0))
+        sums["steps"] += 1
+        for key in self.KEYS:
+            sums[key] += metrics[key]
+
+    def means(self) -> dict[str, float]:
+        """``{"<dataset>/loss": ..., "<dataset>/accuracy": ...}`` since the last call (the Trainer logs them as train/...)."""
+        means = {f"{name}/{key}": round(sums[key] / sums["steps"], 4) for name, sums in self.sums.items()
+                 for key in self.KEYS}
+        self.sums.clear()
+        return means
+
+
+def eval_means(components: dict[str, torch.Tensor], prefix: str) -> dict[str, float]:
+    """The eval step metrics sentence-transformers accumulated, averaged, under ``prefix`` (and reset).
+
+    The step's metrics are already sums over ranks, the same on every rank, so no gather is needed.
+    """
+    steps = float(components.pop("steps", 0))
+    means = {f"{prefix}{key}": round(float(value) / steps, 4) for key, value in components.items() if steps}
+    components.clear()
+    return means

@@ -51,8 +51,6 @@ class TrainConfig(ChunkingOptions, LossOptions, DataOptions, ModelOptions):  # -
     lr: float = option(5e-5, "peak learning rate of AdamW")
     weight_decay: float = option(0.01, "AdamW weight decay")
     warmup_ratio: float = option(0.1, "linear warm-up over this fraction of the steps, then linear decay to 0")
-    learnable_temperature: bool = option(False, "train the temperature (its log-scale) with the model, not below "
-                                                "min_temperature")
     max_nonfinite_steps: int = option(10, "consecutive steps with a non-finite loss (each skipped) that stop training")
     precision: str | None = option(None, "'bf16' or 'fp32' overrides the DeepSpeed config's bf16 section")
     seed: int = option(42, "seed of the data order and of the dropout masks")

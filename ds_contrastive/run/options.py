@@ -63,6 +63,8 @@ class DataOptions:
 @dataclass
 class LossOptions:
     temperature: float = option(0.05, "softmax temperature of the similarities")
+    learnable_temperature: bool = option(False, "train the temperature (its log-scale) with the model, not below "
+                                                "min_temperature")
     min_temperature: float = option(0.01, "the lowest a learnable temperature may go")
     directions: list[str] = option(["query_to_doc"], "query_to_doc query_to_query doc_to_query doc_to_doc")
     partition: str = option("joint", "joint (one log-sum-exp over all directions) or per_direction")

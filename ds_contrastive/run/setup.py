@@ -9,6 +9,7 @@ script imports the other.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -127,23 +128,43 @@ def load_train_data(cfg: DataOptions) -> dict[str, list[str]]:
     return data
 
 
+@dataclass
+class DatasetEntry:
+    """One ``datasets`` entry read: its name, rows and roles (unset keys default to the top-level options)."""
+
+    name: str
+    data: dict[str, list[str]]
+    weight: float | None
+    anchor_column: str
+    positive_column: str
+    query_prefix: str
+    document_prefix: str
+
+
+def read_dataset_entry(entry: dict[str, Any], cfg: DataOptions) -> DatasetEntry:
+    """Read one ``datasets`` entry (checked by :func:`~ds_contrastive.run.config.check_dataset_entry`); both scripts."""
+    anchor = entry.get("anchor_column", cfg.anchor_column)
+    positive = entry.get("positive_column", cfg.positive_column)
+    negatives = entry.get("negative_columns", cfg.negative_columns)
+    data = load_pairs(entry["path"], [anchor, positive, *negatives])
+    limit = entry.get("max_examples", cfg.max_train_examples)
+    if limit:
+        data = {k: v[:limit] for k, v in data.items()}
+    return DatasetEntry(entry.get("name", Path(entry["path"]).stem), data, entry.get("weight"), anchor, positive,
+                        entry.get("query_prefix", cfg.query_prefix), entry.get("document_prefix", cfg.document_prefix))
+
+
 def load_mixture(cfg: TrainConfig) -> tuple[MixedBatches, str]:
     """The ``datasets`` of the config as one mixture (columns default to the top-level ones), and its fingerprint."""
     sources, digests = [], []
-    for i, entry in enumerate(cfg.datasets):
-        anchor = entry.get("anchor_column", cfg.anchor_column)
-        positive = entry.get("positive_column", cfg.positive_column)
-        negatives = entry.get("negative_columns", cfg.negative_columns)
-        data = load_pairs(entry["path"], [anchor, positive, *negatives])
-        limit = entry.get("max_examples", cfg.max_train_examples)
-        if limit:
-            data = {k: v[:limit] for k, v in data.items()}
-        name = entry.get("name", Path(entry["path"]).stem)
-        digests.append(f"{name}:{entry.get('weight', 1.0)}:{check_same_data(data)}")
-        sources.append(Source(name, global_batches(data, cfg.global_batch_size, cfg.seed + 1000 * i, entry["path"]),
-                              float(entry.get("weight", 1.0)), anchor, positive,
-                              entry.get("query_prefix", cfg.query_prefix),
-                              entry.get("document_prefix", cfg.document_prefix)))
+    for i, raw in enumerate(cfg.datasets):
+        entry = read_dataset_entry(raw, cfg)
+        weight = 1.0 if entry.weight is None else float(entry.weight)
+        digests.append(f"{entry.name}:{raw.get('weight', 1.0)}:{check_same_data(entry.data)}")
+        sources.append(Source(entry.name, global_batches(entry.data, cfg.global_batch_size, cfg.seed + 1000 * i,
+                                                         raw["path"]),
+                              weight, entry.anchor_column, entry.positive_column, entry.query_prefix,
+                              entry.document_prefix))
     return MixedBatches(sources, cfg.seed), ",".join(digests)
 
 
@@ -215,10 +236,9 @@ def check_same_data(data: dict[str, list[str]], what: str = "training data") -> 
 def build_loss(cfg: LossOptions) -> InfoNCE | Matryoshka:
     """InfoNCE, GuidedInfoNCE when a guide is configured, wrapped in Matryoshka when dims are given.
 
-    Takes launch/train.py's TrainConfig or launch/train_hf.py's ContrastiveArguments (the same loss
-    options; the Trainer's have no learnable temperature).
+    Takes launch/train.py's TrainConfig or launch/train_hf.py's ContrastiveArguments (the same loss options).
     """
-    common = {"temperature": cfg.temperature, "learnable_temperature": getattr(cfg, "learnable_temperature", False),
+    common = {"temperature": cfg.temperature, "learnable_temperature": cfg.learnable_temperature,
               "min_temperature": cfg.min_temperature, "directions": tuple(cfg.directions), "partition": cfg.partition,
               "similarity": cfg.similarity, "mask_duplicates": cfg.mask_duplicates}
     if cfg.guide is None:

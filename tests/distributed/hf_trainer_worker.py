@@ -11,6 +11,7 @@ Trainer wraps the model in DDP). Every rank:
 3. runs one ContrastiveEngine step (DeepSpeed, same ZeRO stage; ZeRO-2 for
    the DDP run) on the same shard, from the same initial weights.
 
+With ``--learnable_temperature`` all three learn the temperature and its update is compared too.
 Rank 0 reloads the saved model with ``SentenceTransformer(path)`` and runs the
 single-process full-batch reference on the global batch in rank order, then
 writes the relative differences to --out.
@@ -50,6 +51,8 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=0)
     parser.add_argument("--checkpointing", action="store_true",
                         help="the Trainer's own --gradient_checkpointing (the engine and the reference run without)")
+    parser.add_argument("--learnable_temperature", action="store_true",
+                        help="InfoNCE(learnable_temperature=True): the temperature's update is compared too")
     parser.add_argument("--ds_from_launcher", action="store_true",
                         help="DeepSpeed configured by `accelerate launch --use_deepspeed`, not by the arguments")
     args = parser.parse_args()
@@ -71,6 +74,7 @@ def main() -> None:
     # step; only decay tells them apart, so the DDP run compares without it.
     weight_decay = 0.01 if args.stage >= 0 else 0.0
     batch = global_batch(PER_DEVICE * size)
+    loss = dc.InfoNCE(temperature=0.05, learnable_temperature=args.learnable_temperature)
     # Every model is loaded before the TrainingArguments exist: a ZeRO-3 config there would partition them at load.
     trainer_model, engine_model, ref_model = (load_model(args.model) for _ in range(3))
     initial = {n: p.detach().clone() for n, p in ref_model.named_parameters()}
@@ -118,7 +122,7 @@ def main() -> None:
             return backend
 
     trainer = Recording(model=trainer_model, args=training_args, train_dataset=Dataset.from_dict(batch),
-                        loss=dc.InfoNCE(temperature=0.05), chunk_tokens=CHUNK_TOKENS, max_length=MAX_LEN,
+                        loss=loss, chunk_tokens=CHUNK_TOKENS, max_length=MAX_LEN,
                         chunk_costs=dc.ChunkCosts(**COSTS),
                         retain_tokens=args.retain_tokens)
     trainer.train()
@@ -139,7 +143,7 @@ def main() -> None:
         in_memory = trainer.model.encode(probe, convert_to_tensor=True, batch_size=8).float()
 
     engine = dc.ContrastiveEngine(
-        engine_model, dc.InfoNCE(temperature=0.05),
+        engine_model, loss,
         ds_config={"zero_optimization": {"stage": max(args.stage, 0) if args.stage >= 0 else 2},
                    "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True},
         chunk_tokens=CHUNK_TOKENS, chunk_costs=dc.ChunkCosts(**COSTS),
@@ -152,19 +156,36 @@ def main() -> None:
         return
 
     with outside_zero3_init():  # a load on rank 0 alone must not enter ZeRO-3's collective zero.Init
-        loaded = SentenceTransformer(save_dir, device="cpu").encode(probe, convert_to_tensor=True, batch_size=8)
+        saved = SentenceTransformer(save_dir, device="cpu")
+    loaded = saved.encode(probe, convert_to_tensor=True, batch_size=8)
+    saved_scale_keys = [k for k in saved.state_dict() if "log_scale" in k]
+    saved_info = json.loads(open(os.path.join(save_dir, "ds_contrastive.json")).read())
     texts = [[t for s in shards for t in s[col]] for col in shard]
     ref_model.train()
     params = [(f"model.{n}", p) for n, p in ref_model.named_parameters()]
+    scale = torch.tensor(20.0)
+    if loss.learnable_temperature:
+        log_scale = torch.nn.Parameter(torch.tensor([loss.initial_log_scale()]))
+        params.append(("log_scale", log_scale))
+        initial["log_scale"] = log_scale.detach().clone()
+        scale = log_scale.exp().clamp(max=loss.max_scale)[0]
     opt = torch.optim.SGD(param_groups(params, weight_decay), lr=LR)
     emb = reference_embeddings(ref_model, ref_model.tokenizer, [list(s.values()) for s in shards], plans, SEED, 0,
                                MAX_LEN)
-    ref_loss = reference_loss(emb, texts, torch.tensor(20.0), ("query_to_doc",), True)
+    ref_loss = reference_loss(emb, texts, scale, ("query_to_doc",), True)
     ref_loss.backward()
     zero_fill_grads(params)
     ref_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for _, p in params])))
     opt.step()
     want = {n.removeprefix("model."): p.detach().clone() for n, p in params}
+    if loss.learnable_temperature:  # the temperature's own update, from the Trainer, the engine and the reference
+        only = {"log_scale": initial["log_scale"]}
+        temperature = {"initial": float(initial["log_scale"]), "trainer": float(got_trainer["log_scale"]),
+                       "engine": float(got_engine["log_scale"]), "reference": float(want["log_scale"])}
+        temperature["trainer_update_vs_engine"] = rel({"log_scale": got_trainer["log_scale"]},
+                                                      {"log_scale": got_engine["log_scale"]}, only)
+        temperature["trainer_update_vs_reference"] = rel({"log_scale": got_trainer["log_scale"]},
+                                                         {"log_scale": want["log_scale"]}, only)
     report = {
         "backend": backend_name,
         "ddp_reductions_per_chunk": reductions,
@@ -173,6 +194,7 @@ def main() -> None:
         "trainer_vs_reference": rel(got_trainer, want),
         "trainer_update_vs_reference": rel(got_trainer, want, initial),
         "trainer_vs_engine": rel(got_trainer, got_engine),
+        "log_scale": temperature if loss.learnable_temperature else None,
         "engine_vs_reference": rel(got_engine, want),
         "loss": {"trainer": logged["loss"], "engine": metrics["loss"], "reference": float(ref_loss)},
         "grad_norm": {"trainer": logged.get("grad_norm"), "reference": ref_norm},
@@ -181,6 +203,8 @@ def main() -> None:
         "kept_chunks": logged["kept_chunks"],
         "saved_vs_in_memory": float((loaded.float() - in_memory).norm() / in_memory.norm()),
         "trained": rel(got_trainer, initial),
+        "saved_log_scale_keys": saved_scale_keys,
+        "saved_info": saved_info,
         "checkpointing": bool(trainer.model[0].auto_model.is_gradient_checkpointing),
     }
     with open(args.out, "w") as f:

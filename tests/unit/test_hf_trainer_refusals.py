@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-from datasets import Dataset, DatasetDict
+from datasets import Dataset
 from helpers import load_model
 from sentence_transformers import SentenceTransformerTrainingArguments
 
 import ds_contrastive as dc
-from ds_contrastive.hf.trainer import ContrastiveObjective, RawTextCollator
+from ds_contrastive.hf.inputs import RawTextCollator
+from ds_contrastive.hf.trainer import ContrastiveObjective
 
 DATA = {"anchor": ["a question", "another question"], "positive": ["an answer", "another answer"]}
 
@@ -22,7 +23,6 @@ def args(tmp_path, **kwargs):
 
 
 @pytest.mark.parametrize("kwargs, data, message", [
-    ({"loss": dc.InfoNCE(learnable_temperature=True)}, DATA, "fixed temperature"),
     ({"args": {"gradient_accumulation_steps": 4}}, DATA, "gradient_accumulation_steps=4"),
     ({}, {**DATA, "label": [1.0, 0.0]}, "column(s) ['label']"),
     ({}, {"anchor": ["only one column"]}, "needs an anchor and a positive column"),
@@ -53,10 +53,30 @@ def test_eval_columns_must_match_train(model, tmp_path):
                               eval_dataset=other)
 
 
-def test_dataset_dict_is_refused(model, tmp_path):
-    datasets = DatasetDict({"a": Dataset.from_dict(DATA), "b": Dataset.from_dict(DATA)})
-    with pytest.raises(TypeError, match="one dataset"):
-        dc.ContrastiveTrainer(model=model, args=args(tmp_path), train_dataset=datasets)
+TWO = {"a": DATA, "b": {"question": DATA["anchor"], "answer": DATA["positive"]}}
+
+
+@pytest.mark.parametrize("train, kwargs, message", [
+    (DATA, {"loss": {"a": dc.InfoNCE()}}, "train_dataset and eval_dataset must then be DatasetDicts"),
+    (TWO, {"loss": {"a": dc.InfoNCE()}}, "dataset 'b' has no loss in the dict of losses (its keys: ['a'])"),
+    (TWO, {"loss": {"a": dc.InfoNCE(learnable_temperature=True), "b": dc.InfoNCE()}},
+     "give every loss learnable_temperature=True with the same temperature"),
+    (TWO, {"loss": {"a": dc.InfoNCE(learnable_temperature=True),
+                    "b": dc.InfoNCE(temperature=0.1, learnable_temperature=True)}}, "with the same temperature"),
+    (TWO, {"args": {"prompts": {"a": {"anchor": "query: "}}}}, "dataset(s) ['b'] have none"),
+    (TWO, {"eval_dataset": {"b": Dataset.from_dict(DATA)}},
+     "eval_dataset['b']'s anchor and positive columns ['anchor', 'positive'] differ from train_dataset['b']'s"),
+])
+def test_multi_dataset_refusals(model, tmp_path, train, kwargs, message):
+    kwargs = dict(kwargs)
+    training_args = args(tmp_path, **kwargs.pop("args", {}))
+    if train is TWO:
+        train = {name: Dataset.from_dict(columns) for name, columns in TWO.items()}
+    else:
+        train = Dataset.from_dict(train)
+    with pytest.raises(ValueError) as err:
+        dc.ContrastiveTrainer(model=model, args=training_args, train_dataset=train, **kwargs)
+    assert message in str(err.value)
 
 
 def test_collator_keeps_raw_strings_and_applies_prompts():
@@ -64,6 +84,11 @@ def test_collator_keeps_raw_strings_and_applies_prompts():
     assert RawTextCollator()(rows) == {"anchor": ["q1", "q2"], "positive": ["d1", 3]}  # the step rejects the 3
     assert RawTextCollator({"anchor": "query: "})(rows)["anchor"] == ["query: q1", "query: q2"]
     assert RawTextCollator("x ")(rows)["positive"] == ["x d1", 3]
+    named = [{**row, "dataset_name": "b"} for row in rows]  # sentence-transformers' per-dataset forms
+    assert RawTextCollator({"a": "x ", "b": {"anchor": "q: "}})(named) == {
+        "anchor": ["q: q1", "q: q2"], "positive": ["d1", 3], "dataset_name": "b"}
+    assert RawTextCollator({"a": "x ", "b": "y "})(named)["positive"] == ["y d1", 3]
+    assert RawTextCollator({"anchor": "q: "})(named)["anchor"] == ["q: q1", "q: q2"]  # by column, any dataset
 
 
 def test_objective_is_not_called_directly(model):
@@ -102,7 +127,7 @@ def test_both_scripts_take_the_shared_options_with_their_descriptions(capsys, mo
     monkeypatch.setenv("COLUMNS", "200")
     shared = [f for group in (ModelOptions, DataOptions, LossOptions, ChunkingOptions) for f in fields(group)]
     assert {f.name for f in shared} <= {f.name for f in fields(TrainConfig)}
-    assert {f.name for f in shared} == {f.name for f in fields(ContrastiveArguments)}
+    assert {f.name for f in shared} == {f.name for f in fields(ContrastiveArguments)} - {"datasets"}
     for parser_help in (lambda: argument_parser().parse_args(["--help"]), lambda: parse(["--help"])):
         with pytest.raises(SystemExit):
             parser_help()
@@ -111,3 +136,20 @@ def test_both_scripts_take_the_shared_options_with_their_descriptions(capsys, mo
             assert f"--{f.name}" in text and " ".join(f.metadata["help"].split()) in text, f.name
     args = parse(["--retain_tokens", "5000", "--chunk_costs", "0.01", "1e-6", "1e-9"])[1]
     assert args.retain_tokens == 5000 and args.chunk_costs == [0.01, 1e-6, 1e-9]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--datasets", "[{\"path\": \"a.jsonl\"}]", "--train_data", "b.jsonl"], "set --train_data or --datasets"),
+    (["--datasets", "not json"], "neither a JSON list nor a readable .json/.yaml file"),
+    (["--datasets", "[{\"path\": \"x/a.jsonl\"}, {\"path\": \"y/a.jsonl\"}]"], "names must be unique"),
+    (["--datasets", "[{\"path\": \"a.jsonl\", \"weigth\": 2}]"], "datasets[0]: unknown key 'weigth'"),
+    (["--datasets", "[]"], "non-empty list"),
+])
+def test_train_hf_datasets_refusals(argv, message):
+    from ds_contrastive.errors import ConfigError
+    from ds_contrastive.hf.train_hf import dataset_entries, parse
+
+    with pytest.raises(ConfigError) as err:
+        args = parse(argv)[1]
+        dataset_entries(args.datasets)
+    assert message in str(err.value)
