@@ -49,8 +49,9 @@ def attach_log_scale(model: nn.Module, initial: float, max_scale: float) -> nn.P
     ``model.save`` (which writes each submodule) leaves it out. A forward hook
     returns the clamped scale under ``LOGIT_SCALE`` beside the embedding,
     computed inside the forward as ``EmbeddingModule`` does (ZeRO-3 gathers a
-    module's own parameters for its forward). A model that already carries one
-    (an earlier Trainer's) keeps its value.
+    module's own parameters for its forward; the hook runs before DeepSpeed's
+    own, which release them). A model that already carries one (an earlier
+    Trainer's) keeps its value.
     """
     if "log_scale" not in model._parameters:
         model.register_parameter("log_scale", nn.Parameter(torch.tensor([float(initial)])))
@@ -62,5 +63,14 @@ def attach_log_scale(model: nn.Module, initial: float, max_scale: float) -> nn.P
         output[LOGIT_SCALE] = logit_scale(module.log_scale, max_scale)
         return output
 
-    model.log_scale_hook = model.register_forward_hook(add_scale)
+    model.log_scale_hook = model.register_forward_hook(add_scale, prepend=True)
     return model.log_scale
+
+
+def detach_log_scale(model: nn.Module) -> None:
+    """Take :func:`attach_log_scale`'s parameter and hook off a model (to train it on with a fixed temperature)."""
+    hook = getattr(model, "log_scale_hook", None)
+    if hook is not None:
+        hook.remove()
+        del model.log_scale_hook
+    model._parameters.pop("log_scale", None)

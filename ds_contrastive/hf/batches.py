@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from sentence_transformers.base.sampler import MultiDatasetDefaultBatchSampler
-from torch.utils.data import BatchSampler, ConcatDataset
+from torch.utils.data import BatchSampler, ConcatDataset, DataLoader
 
 
 class AtLeastRows:
@@ -55,14 +55,19 @@ class AtLeastRows:
 class RankShare:
     """This rank's contiguous share of each global batch (sizes differ by at most one row).
 
-    ``batch_sampler`` is named as the Trainer looks for it (``set_epoch``
-    reaches the global sampler through it, also behind a resume's skip).
+    ``generator`` (the samplers' shared one) is seeded with ``seed + epoch``
+    when an epoch starts, so an epoch's order depends on nothing else (not on
+    the epochs drawn before it in this process): a run resumed in any epoch
+    replays the same batches. ``batch_sampler`` is named as the Trainer looks
+    for it (``set_epoch`` reaches it, also behind a resume's skip).
     """
 
-    def __init__(self, batch_sampler: Any, rank: int, ranks: int) -> None:
+    def __init__(self, batch_sampler: Any, rank: int, ranks: int, generator: torch.Generator, seed: int) -> None:
         self.batch_sampler, self.rank, self.ranks = batch_sampler, rank, ranks
+        self.generator, self.seed, self.epoch = generator, seed, 0
 
     def __iter__(self) -> Iterator[list[int]]:
+        self.generator.manual_seed(self.seed + self.epoch)
         for batch in self.batch_sampler:
             rows = len(batch)
             yield list(batch[self.rank * rows // self.ranks:(self.rank + 1) * rows // self.ranks])
@@ -71,8 +76,16 @@ class RankShare:
         return len(self.batch_sampler)
 
     def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
         if hasattr(self.batch_sampler, "set_epoch"):
             self.batch_sampler.set_epoch(epoch)
+
+
+class GlobalBatchLoader(DataLoader):
+    """A DataLoader over :class:`RankShare` whose ``set_epoch`` (called by the Trainer each epoch) reaches it."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
 
 
 class WeightedBatchSampler(MultiDatasetDefaultBatchSampler):

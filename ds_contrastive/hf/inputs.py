@@ -113,6 +113,10 @@ def objective_of(loss: Objective | dict[str, Objective], name: str | None, *data
     if name is None or any(d is not None and not isinstance(d, DatasetDict) for d in datasets):
         raise ValueError("a dict of losses is keyed by dataset name: train_dataset and eval_dataset must then be "
                          "DatasetDicts (or dicts of datasets)")
+    names = {name for d in datasets if isinstance(d, DatasetDict) for name in d}
+    if set(loss) - names:
+        raise ValueError(f"the dict of losses names dataset(s) {sorted(set(loss) - names)} that neither train_dataset "
+                         f"nor eval_dataset holds (theirs: {sorted(names)})")
     if name not in loss:
         raise ValueError(f"dataset {name!r} has no loss in the dict of losses (its keys: {sorted(loss)})")
     return loss[name]
@@ -135,10 +139,13 @@ def check_prompts(prompts: Prompts, model: SentenceTransformer, datasets: list[s
         raise ValueError("prompts with a Pooling module that excludes prompt tokens (include_prompt=False) are "
                          "not supported: the step pools every token it embeds")
     if isinstance(prompts, dict) and any(isinstance(p, dict) for p in prompts.values()):
+        if not datasets:
+            raise ValueError(f"prompts are given per dataset ({sorted(prompts)}), but the datasets are single "
+                             "Datasets, not DatasetDicts naming their datasets")
         missing = [name for name in datasets if name not in prompts]
-        if missing or not datasets:
-            raise ValueError(f"prompts are given per dataset ({sorted(prompts)}), but dataset(s) {missing or [None]} "
-                             "have none: give every dataset of the DatasetDict its entry")
+        if missing:
+            raise ValueError(f"prompts are given per dataset ({sorted(prompts)}), but dataset(s) {missing} have none: "
+                             "give every dataset of the DatasetDict its entry")
 
 
 def dataset_columns(dataset: Any, where: str) -> list[str]:

@@ -53,7 +53,7 @@ from ..losses.matryoshka import check_dims
 from ..run.adapters import lora_layers
 from ..run.checkpoint import weights_only_loads
 from ..run.saving import save_consolidated
-from .batches import AtLeastRows, RankShare
+from .batches import AtLeastRows, GlobalBatchLoader, RankShare
 from .inputs import (
     Objective,
     RawTextCollator,
@@ -171,6 +171,10 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
             check_prompts(args.prompts, model, [name for name in columns if name is not None])
         if learned is not None:  # before the optimizer is built from the model's parameters
             attach_log_scale(model, learned.initial_log_scale(), learned.max_scale)
+        elif "log_scale" in model._parameters:
+            raise ValueError("the model carries a learnable temperature (log_scale) from an earlier ContrastiveTrainer "
+                             "but this loss's temperature is fixed: pass learnable_temperature=True to train it on, "
+                             "or ds_contrastive.core.embedding_module.detach_log_scale(model) first")
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          loss=ContrastiveObjective(model, loss),
                          data_collator=RawTextCollator(args.prompts if args is not None else None), **kwargs)
@@ -197,8 +201,17 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
         (``resume_from_checkpoint=`` and ``load_best_model_at_end`` load them
         through DeepSpeed, which would otherwise unpickle them unrestricted.)
         """
+        self.dataset_metrics = DatasetMetrics()  # nothing left from an earlier train()
         with weights_only_loads():
             return super().train(*args, **kwargs)
+
+    def step_of(self, dataset: str | None) -> CachedStep:
+        """The step of a batch from ``dataset`` (``None``: a single Dataset); an unknown one is named."""
+        if dataset not in self.steps:
+            raise ValueError(f"a batch from dataset {dataset!r}, which this ContrastiveTrainer was not built with "
+                             f"(its datasets: {[name for name in self.steps]}); pass it as train_dataset or "
+                             "eval_dataset when creating the trainer")
+        return self.steps[dataset]
 
     def backend(self, model: nn.Module) -> Backend:
         """How the step reaches ``model``: the DeepSpeed engine, or the (DDP-wrapped) module."""
@@ -214,7 +227,7 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
         dataset = inputs.pop("dataset_name", None)
         if dataset is not None:
             check_same_dataset(dataset)
-        out = self.steps[dataset].forward_backward(inputs, backend, self.state.global_step)
+        out = self.step_of(dataset).forward_backward(inputs, backend, self.state.global_step)
         t1 = time.perf_counter()
         if isinstance(backend, DeepSpeedBackend) and out.finite:
             # what accelerator.backward does at a boundary; the Trainer's optimizer.step() is a no-op here
@@ -271,10 +284,16 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
         if not isinstance(dataset, (Dataset, DatasetDict)):
             return super().get_train_dataloader()
         rank, ranks = world()
-        generator = torch.Generator()
-        if self.args.seed is not None:
-            generator.manual_seed(self.args.seed)
+        seed = self.args.seed or 0
+        generator = torch.Generator().manual_seed(seed)
         parts = list(dataset.values()) if isinstance(dataset, DatasetDict) else [dataset]
+        if not all(isinstance(part, Dataset) for part in parts):
+            raise ValueError("a DatasetDict of ContrastiveTrainer holds Datasets (not IterableDatasets): each global "
+                             "batch is drawn from one dataset's rows by index")
+        sizes = all_gather_objects([len(part) for part in parts])
+        if any(s != sizes[0] for s in sizes):  # the ranks would draw different batches, and different numbers
+            raise ValueError(f"the ranks' training datasets differ in size ({sizes}, by rank): every rank must load "
+                             "the same data")
         samplers = [AtLeastRows(self.get_batch_sampler(
             part, batch_size=self.args.train_batch_size * ranks, drop_last=self.args.dataloader_drop_last,
             valid_label_columns=self.data_collator.valid_label_columns, generator=generator, seed=self.args.seed),
@@ -285,10 +304,11 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
         else:
             sampler = samplers[0]
         workers = self.args.dataloader_num_workers
-        return DataLoader(dataset, batch_sampler=RankShare(sampler, rank, ranks), collate_fn=self.data_collator,
-                          num_workers=workers, pin_memory=self.args.dataloader_pin_memory,
-                          persistent_workers=self.args.dataloader_persistent_workers and workers > 0,
-                          prefetch_factor=self.args.dataloader_prefetch_factor if workers > 0 else None)
+        return GlobalBatchLoader(
+            dataset, batch_sampler=RankShare(sampler, rank, ranks, generator, seed), collate_fn=self.data_collator,
+            num_workers=workers, pin_memory=self.args.dataloader_pin_memory,
+            persistent_workers=self.args.dataloader_persistent_workers and workers > 0,
+            prefetch_factor=self.args.dataloader_prefetch_factor if workers > 0 else None)
 
     def should_dataset_name_column_be_added(self, dataset: Any, args: Any, loss: Any) -> bool:
         """Every dataset of a ``DatasetDict`` names itself in its batches: each has its own columns and step."""
@@ -306,12 +326,16 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
         if log_scale is None:
             return super()._load_from_checkpoint(checkpoint_path)
         params = self.model._parameters
+        info_path = Path(checkpoint_path) / "ds_contrastive.json"
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        if "log_scale" not in info:
+            raise ValueError(f"{checkpoint_path} holds no learned temperature ({info_path} with 'log_scale'): it was "
+                             "not written by a ContrastiveTrainer with a learnable temperature")
         del params["log_scale"]
         try:
             super()._load_from_checkpoint(checkpoint_path)
         finally:
             params["log_scale"] = log_scale
-        info = json.loads((Path(checkpoint_path) / "ds_contrastive.json").read_text())
         with torch.no_grad():
             log_scale.fill_(info["log_scale"])
 
@@ -335,7 +359,7 @@ class ContrastiveTrainer(SentenceTransformerTrainer):
         backend = self.backend(model)
         dataset = inputs.pop("dataset_name", None)
         with torch.enable_grad():
-            out = self.steps[dataset].evaluate(inputs, backend, self.state.global_step)
+            out = self.step_of(dataset).evaluate(inputs, backend, self.state.global_step)
         loss = self.track(out.metrics, backend.device)
         return (loss, {}) if return_outputs else loss
 
@@ -397,15 +421,17 @@ class DatasetMetrics:
         self.sums: dict[str, dict[str, float]] = {}
 
     def add(self, dataset: str, metrics: dict[str, float]) -> None:
-        sums = self.sums.setdefault(dataset, dict.fromkeys(("steps", *self.KEYS), 0.0))
-        sums["steps"] += 1
+        """Add one step's values; a non-finite one (a skipped step) is left out, as the Trainer's logs leave it."""
+        sums = self.sums.setdefault(dataset, {})
         for key in self.KEYS:
-            sums[key] += metrics[key]
+            if math.isfinite(metrics[key]):
+                total, steps = sums.get(key, (0.0, 0))
+                sums[key] = (total + metrics[key], steps + 1)
 
     def means(self) -> dict[str, float]:
         """``{"<dataset>/loss": ..., "<dataset>/accuracy": ...}`` since the last call (the Trainer logs them as train/...)."""
-        means = {f"{name}/{key}": round(sums[key] / sums["steps"], 4) for name, sums in self.sums.items()
-                 for key in self.KEYS}
+        means = {f"{name}/{key}": round(total / steps, 4) for name, sums in self.sums.items()
+                 for key, (total, steps) in sums.items()}
         self.sums.clear()
         return means
 

@@ -25,7 +25,7 @@ from ds_contrastive.hf.batches import AtLeastRows, RankShare, WeightedBatchSampl
 @pytest.mark.parametrize("rows, size, ranks", [(13, 6, 2), (14, 6, 3), (10, 5, 4), (12, 12, 3)])
 def test_rank_shares_partition_each_global_batch(rows, size, ranks):
     batches = AtLeastRows(BatchSampler(SequentialSampler(range(rows)), size, drop_last=False), rows, ranks)
-    shares = [list(RankShare(batches, r, ranks)) for r in range(ranks)]
+    shares = [list(RankShare(batches, r, ranks, torch.Generator(), 0)) for r in range(ranks)]
     want = [b for b in BatchSampler(SequentialSampler(range(rows)), size, drop_last=False) if len(b) >= ranks]
     assert all(len(s) == len(want) == len(batches) for s in shares)  # every rank takes every step
     for step, batch in enumerate(want):
@@ -69,6 +69,15 @@ def test_trainer_loader_draws_one_dataset_per_batch(tiny_model_dir, tmp_path, or
     else:  # alternating until the smaller dataset is used up
         assert names == ["big", "small", "big", "small"] and len(loader) == 4, names
     assert names == [b["dataset_name"] for b in trainer.get_train_dataloader()]  # seeded: the same again
+    # an epoch's batches depend on the seed and the epoch alone: epoch 1 drawn first (a resume in epoch 1) or after
+    # epoch 0 is the same, and differs from epoch 0
+    first = trainer.get_train_dataloader()
+    list(first)
+    first.set_epoch(1)
+    fresh = trainer.get_train_dataloader()
+    fresh.set_epoch(1)
+    epoch1 = [b["anchor"] for b in fresh]
+    assert [b["anchor"] for b in first] == epoch1 != [b["anchor"] for b in batches]
 
 
 def test_weighted_sampler_as_the_trainers_multi_dataset_sampler(tiny_model_dir, tmp_path):

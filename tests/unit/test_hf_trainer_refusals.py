@@ -64,6 +64,8 @@ TWO = {"a": DATA, "b": {"question": DATA["anchor"], "answer": DATA["positive"]}}
     (TWO, {"loss": {"a": dc.InfoNCE(learnable_temperature=True),
                     "b": dc.InfoNCE(temperature=0.1, learnable_temperature=True)}}, "with the same temperature"),
     (TWO, {"args": {"prompts": {"a": {"anchor": "query: "}}}}, "dataset(s) ['b'] have none"),
+    (TWO, {"loss": {"a": dc.InfoNCE(), "b": dc.InfoNCE(), "c": dc.InfoNCE()}}, "names dataset(s) ['c'] that neither"),
+    (DATA, {"args": {"prompts": {"a": {"anchor": "query: "}}}}, "the datasets are single Datasets"),
     (TWO, {"eval_dataset": {"b": Dataset.from_dict(DATA)}},
      "eval_dataset['b']'s anchor and positive columns ['anchor', 'positive'] differ from train_dataset['b']'s"),
 ])
@@ -77,6 +79,20 @@ def test_multi_dataset_refusals(model, tmp_path, train, kwargs, message):
     with pytest.raises(ValueError) as err:
         dc.ContrastiveTrainer(model=model, args=training_args, train_dataset=train, **kwargs)
     assert message in str(err.value)
+
+
+def test_a_leftover_learnable_temperature_is_not_trained_silently(tiny_model_dir, tmp_path):
+    from ds_contrastive.core.embedding_module import detach_log_scale
+
+    model = load_model(tiny_model_dir)
+    dc.ContrastiveTrainer(model=model, args=args(tmp_path), train_dataset=Dataset.from_dict(DATA),
+                          loss=dc.InfoNCE(learnable_temperature=True))
+    with pytest.raises(ValueError, match="carries a learnable temperature"):
+        dc.ContrastiveTrainer(model=model, args=args(tmp_path), train_dataset=Dataset.from_dict(DATA))
+    detach_log_scale(model)
+    assert "log_scale" not in dict(model.named_parameters()) and "logit_scale" not in model(
+        model.tokenize(["a text"]))
+    dc.ContrastiveTrainer(model=model, args=args(tmp_path), train_dataset=Dataset.from_dict(DATA))
 
 
 def test_collator_keeps_raw_strings_and_applies_prompts():
