@@ -12,8 +12,9 @@
 # model and ZeRO stage) and --retain auto (kept pass-1 graphs sized from the probe's activation bytes
 # and half the free GPU memory); --planner fill or --retain N|0 override them. --chunk-tokens N sets
 # the memory cap (most padded tokens per forward call). Never run on a GPU yet: only --smoke has run.
-# BUDGET_S (default 430) is the script's own time budget: it skips what no longer fits and its
-# watchdog exits 35 s after it, so the whole command ends in under 8 minutes.
+# BUDGET_S (default 310, after at most 120 s of the loss-phase measurement) is the throughput run's own
+# time budget: it skips what no longer fits and its watchdog exits 35 s after it, so the whole command
+# ends in under 8 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results}"
@@ -29,5 +30,10 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true HF_HUB_OFFLINE=1 TRANSFORM
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/nvidia-smi.txt" 2>&1
 cat "$OUT/nvidia-smi.txt"
-python3 bench/gpu_throughput.py --out "$OUT/" --budget "${BUDGET_S:-430}" "$@" 2>&1 | tee "$OUT/gpu_throughput.log"
+# The loss phase at 1M rows (issue 20): bf16 products against three bf16 products, at most 120 s, before the
+# throughput run (whose budget leaves room for it).
+CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')
+timeout 120 python3 bench/loss_phase.py --device cuda --dim 1024 --precision bf16 --sizes 1048576 --memory_only \
+    --repeats 2 --threads 16 --out "$OUT/loss-phase-${CARD:-gpu}-$(date +%F).json" 2>&1 | tee "$OUT/loss_phase.log"
+python3 bench/gpu_throughput.py --out "$OUT/" --budget "${BUDGET_S:-310}" "$@" 2>&1 | tee "$OUT/gpu_throughput.log"
 exit "${PIPESTATUS[0]}"

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .blockwise import Term
 from .guide_model import Guide
-from .infonce import GlobalColumns, InfoNCE, LossResult, negative_sums
+from .infonce import InfoNCE, LossResult, Sides
 
 
 @dataclass
@@ -90,54 +91,32 @@ class GuidedInfoNCE(InfoNCE):
             guide = embeddings.detach()
         return super().compute(embeddings, hashes, first_row, rows, scale, guide)
 
-    def candidates_per_row(self, n: int, docs: int) -> int:
-        return docs + n * (self.contrast_anchors + self.contrast_positives)
-
     def summarize(self, sums: dict[str, float], n: int) -> dict[str, float]:
         metrics = super().summarize(sums, n)
-        for term in self.terms():
+        for term in self.term_names():
             metrics[f"guide_masked_fraction_{term}"] = sums[f"masked_{term}"] / max(1.0, sums[f"candidates_{term}"])
             metrics[f"guide_masked_similarity_{term}"] = (
                 sums[f"masked_similarity_{term}"] / sums[f"masked_{term}"] if sums[f"masked_{term}"] else 0.0
             )
         return metrics
 
-    def terms(self) -> list[str]:
+    def term_names(self) -> list[str]:
         return ["anchor_doc"] + ["anchor_anchor"] * self.contrast_anchors + ["positive_positive"] * self.contrast_positives
 
-    def _rows(
-        self, cols: GlobalColumns, idx: torch.Tensor, scale: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if cols.guide_queries is None:
+    def terms(self, sides: Sides) -> tuple[list[Term], torch.Tensor | None]:
+        """Anchor-document, anchor-anchor and positive-positive candidates, each masked by the guide above the row's
+        threshold (the positive itself never) and by duplicates."""
+        if sides.guide_queries is None:
             raise ValueError("GuidedInfoNCE needs the guide embeddings of the global batch")
-        n, queries, docs = cols.n, cols.queries, cols.docs
-        positives, guide_positives = docs[:n], cols.guide_docs[:n]
-        rows = torch.arange(len(idx), device=docs.device)
-        guide_q, guide_p = cols.guide_queries[idx], cols.guide_docs[idx]
-        threshold = (guide_q * guide_p).sum(-1, keepdim=True)
+        q, d, gq, gd = sides.queries, sides.docs, sides.grad_queries, sides.grad_docs
+        guide_q, guide_d = sides.guide_queries, sides.guide_docs
+        n = len(q)
+        threshold = (guide_q * guide_d[:n]).sum(-1)
         threshold = threshold - (threshold.abs() * self.margin if self.margin_strategy == "relative" else self.margin)
-
-        dup_docs = self.duplicates(cols.doc_hash, cols.doc_hash[idx], idx)
-        is_positive = torch.zeros_like(dup_docs)
-        is_positive[rows, idx] = True
-        plan = [("anchor_doc", queries[idx], docs, guide_q @ cols.guide_docs.T, dup_docs, is_positive)]
+        terms = [Term("anchor_doc", q, d, gq, gd, *sides.duplicates("doc"), guide_q, guide_d, protect_positive=True)]
         if self.contrast_anchors:
-            dup_queries = self.duplicates(cols.query_hash, cols.query_hash[idx], idx)
-            plan.append(("anchor_anchor", queries[idx], queries, guide_q @ cols.guide_queries.T, dup_queries, None))
+            terms.append(Term("anchor_anchor", q, q, gq, gq, *sides.duplicates("query"), guide_q, guide_q))
         if self.contrast_positives:
-            plan.append(("positive_positive", docs[idx], positives, guide_p @ guide_positives.T,
-                         dup_docs[:, :n], None))
-
-        terms, sums = [], {}
-        for name, row_emb, candidates, guide_sim, duplicate, protected in plan:
-            masked = guide_sim > threshold
-            if protected is not None:
-                masked &= ~protected
-            terms.append((scale * row_emb @ candidates.T).masked_fill(masked | duplicate, -torch.inf))
-            sums[f"masked_{name}"] = masked.sum()
-            sums[f"candidates_{name}"] = torch.tensor(masked.numel(), device=docs.device)
-            sums[f"masked_similarity_{name}"] = (guide_sim * masked).sum()
-        positive = terms[0][rows, idx]
-        sums["masked_duplicates"] = dup_docs.sum()
-        sums.update(negative_sums(terms, idx, scale))
-        return self.log_partition(terms) - positive, sums
+            terms.append(Term("positive_positive", d[:n], d[:n], gd[:n], gd[:n], *sides.duplicates("doc", n),
+                              guide_d[:n], guide_d[:n]))
+        return terms, threshold

@@ -2,8 +2,9 @@
 
 The engine hands a loss the detached embeddings of the *global* batch
 (every rank's rows, in rank order). The loss computes the rows of this rank's
-anchors against every global candidate, a tile of rows at a time, so memory is
-O(tile x N) and never O(N^2). It returns the gradient of
+anchors against every global candidate, a tile of rows against a block of
+candidates at a time (:mod:`~ds_contrastive.losses.blockwise`), so memory is
+one tile x block of logits whatever N, and its cost is its matrix products. It returns the gradient of
 ``(1 / N) * sum over this rank's rows of loss_i`` with respect to every
 global embedding; the engine sums those over ranks, which gives each rank the
 gradient of the global mean loss with respect to its own embeddings.
@@ -15,7 +16,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from .blockwise import PRECISIONS, Core, Term, equal_pairs, union_pairs
 
 DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 
@@ -37,29 +39,54 @@ class LossResult:
 
 
 @dataclass
-class GlobalColumns:
-    """The global batch in the similarity space, split into query and document candidates.
+class Sides:
+    """The global batch in the similarity space: queries (anchors) and documents, with their gradient buffers.
 
     ``docs`` holds every positive, then every first hard negative, and so on
-    (row i's positive is docs[i]). The ``guide_*`` tensors are the guide
-    model's normalized embeddings in the same layout (guided losses only).
+    (row i's positive is docs[i]); ``*_hash`` their texts' hashes.
+    ``guide_*``: the guide's normalized embeddings, same layout.
     """
 
     queries: torch.Tensor
     docs: torch.Tensor
+    grad_queries: torch.Tensor
+    grad_docs: torch.Tensor
     query_hash: torch.Tensor
     doc_hash: torch.Tensor
+    mask_duplicates: bool
     guide_queries: torch.Tensor | None = None
     guide_docs: torch.Tensor | None = None
 
-    @property
-    def n(self) -> int:
-        return self.queries.shape[0]
+    def duplicates(self, of: str, width: int | None = None
+                   ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+        """Candidates whose text equals row i's anchor (``of="query"``, among the queries) or positive (``"doc"``,
+        among the first ``width`` documents), other than candidate i: as listed (row, candidate) pairs, or, when
+        there are too many to list, as the hashes to compare per block (second item)."""
+        hashes = self.query_hash if of == "query" else self.doc_hash[:width]
+        rows = hashes[:len(self.queries)]
+        empty = torch.zeros(0, dtype=torch.long, device=hashes.device)
+        if not self.mask_duplicates:
+            return (empty, empty), None
+        pairs = equal_pairs(rows, hashes, skip_own=True)
+        return ((empty, empty), (rows, hashes)) if pairs is None else (pairs, None)
+
+
+def by_column(x: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[N, C, d] -> one contiguous [C, N, d] copy (unit rows if ``normalize``), and the norms it was divided by.
+
+    Column-major, so that the queries (column 0) and the documents (every
+    positive, then every first hard negative, ...) are views of it.
+    """
+    x = torch.empty((x.shape[1], x.shape[0], x.shape[2]), device=x.device).copy_(x.transpose(0, 1))  # never x itself
+    if not normalize:
+        return x, None
+    norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)  # F.normalize's eps
+    return x.div_(norms), norms
 
 
 def split_columns(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, C, ...] -> (column 0 as [N, ...], columns 1.. stacked column after column as [(C-1)N, ...])."""
-    return x[:, 0], x[:, 1:].transpose(0, 1).reshape(-1, *x.shape[2:])
+    """[C, N, d] -> (column 0 as [N, d], columns 1.. stacked column after column as [(C-1)N, d]), views."""
+    return x[0], x[1:].reshape(-1, x.shape[-1])
 
 
 @dataclass
@@ -86,6 +113,14 @@ class InfoNCE:
     trains log(scale); the scale is clamped in the forward pass so that
     temperature >= ``min_temperature``, and at that bound its gradient is zero
     (the temperature stays there unless the clamp is lowered).
+
+    ``tile_elements``: the most logits held at once (a tile of rows x a block
+    of candidates; 2**25, 128 MiB); ``tile_rows`` fixes the tile height.
+    ``precision``: the matrix products' inputs, ``"fp32"`` (default),
+    ``"tf32"`` (CUDA's TF32; a CPU computes fp32) or ``"bf16"`` (inputs rounded
+    to bf16, fp32 accumulation, fp32 log-sum-exp): with cosine similarity each
+    logit is within ``scale x 2**-8`` of fp32's, so each row's loss within twice
+    that (tests/unit/test_blockwise.py measures it).
     """
 
     temperature: float = 0.05
@@ -97,6 +132,7 @@ class InfoNCE:
     mask_duplicates: bool = True
     tile_rows: int | None = None
     tile_elements: int = 1 << 25
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         self.directions = tuple(self.directions)
@@ -125,6 +161,10 @@ class InfoNCE:
             )
         if self.tile_rows is not None and self.tile_rows < 1:
             raise ValueError(f"tile_rows must be >= 1, got {self.tile_rows}")
+        if self.tile_elements < 1:
+            raise ValueError(f"tile_elements must be >= 1, got {self.tile_elements}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
     @property
     def max_scale(self) -> float:
@@ -147,32 +187,43 @@ class InfoNCE:
         ``embeddings`` is [N, C, d]: column 0 anchors, 1 positives, 2.. hard
         negatives; ``hashes`` is [N, C], the texts' content hashes; ``guide``
         is [N, C, d_guide], the guide model's embeddings (guided losses only).
+        The logits, their masks, log-sum-exp and gradient run blockwise
+        (:mod:`~ds_contrastive.losses.blockwise`), the normalization's in closed
+        form: no autograd graph, and three N x C x d buffers (the unit
+        embeddings, their gradient and the gradient returned).
         """
-        n, columns, dim = embeddings.shape
-        raw = embeddings.detach().float().requires_grad_()
-        space = F.normalize(raw, dim=-1) if self.similarity == "cosine" else raw
-        # Leaves in the similarity space, so that each tile's graph stops here.
-        queries, docs = (t.detach().requires_grad_() for t in split_columns(space))
-        cols = GlobalColumns(queries, docs, *split_columns(hashes))
+        n = embeddings.shape[0]
+        cosine = self.similarity == "cosine"
+        space, norms = by_column(embeddings.detach(), cosine)
+        grad = torch.zeros_like(space)
+        query_hash, doc_hash = hashes[:, 0], hashes[:, 1:].transpose(0, 1).reshape(-1)
+        sides = Sides(*split_columns(space), *split_columns(grad), query_hash, doc_hash, self.mask_duplicates)
         if guide is not None:
-            cols.guide_queries, cols.guide_docs = split_columns(F.normalize(guide.float(), dim=-1))
-        s = torch.tensor(scale, dtype=torch.float32, device=raw.device, requires_grad=True)
+            sides.guide_queries, sides.guide_docs = split_columns(by_column(guide.detach(), True)[0])
+        terms, thresholds = self.terms(sides)
+        core = Core(terms, n, scale, self.partition == "joint", self.tile_rows, self.tile_elements, self.precision,
+                    thresholds)
+        grad_scale, sums = core.run(first_row, rows)
+        if cosine:  # through the normalization, in closed form: (g - (g . u) u) / |x|
+            grad.addcmul_(space, torch.linalg.vecdot(grad, space).unsqueeze(-1), value=-1).div_(norms)
+        return LossResult(grad.transpose(0, 1).contiguous(), grad_scale, sums)
 
-        tile = self.tile_rows or max(1, self.tile_elements // self.candidates_per_row(n, docs.shape[0]))
-        sums: dict[str, torch.Tensor] = {}
-        for start in range(first_row, first_row + rows, tile):
-            idx = torch.arange(start, min(start + tile, first_row + rows), device=raw.device)
-            losses, tile_sums = self._rows(cols, idx, s)
-            (losses.sum() / n).backward()
-            tile_sums["loss"] = losses.detach().sum()
-            for key, value in tile_sums.items():
-                sums[key] = sums.get(key, 0) + value
-
-        grad_space = torch.empty_like(space)
-        grad_space[:, 0] = queries.grad
-        grad_space[:, 1:] = docs.grad.reshape(columns - 1, n, dim).transpose(0, 1)
-        space.backward(grad_space)
-        return LossResult(raw.grad, s.grad.item(), {k: float(v) for k, v in sums.items()})
+    def terms(self, sides: Sides) -> tuple[list[Term], torch.Tensor | None]:
+        """Each direction's candidates of every row, with its masked pairs (duplicates, the row's own)."""
+        q, d, gq, gd = sides.queries, sides.docs, sides.grad_queries, sides.grad_docs
+        n, width = len(q), len(d)
+        rows = torch.arange(n, device=q.device)
+        same_doc, same_query = sides.duplicates("doc"), sides.duplicates("query")
+        terms = [Term("query_to_doc", q, d, gq, gd, *same_doc)]
+        if "query_to_query" in self.directions:  # never the anchor itself
+            own = union_pairs((rows, rows), same_query[0], cols=n)
+            terms.append(Term("query_to_query", q, q, gq, gq, own, same_query[1]))
+        if "doc_to_query" in self.directions:
+            terms.append(Term("doc_to_query", d[:n], q, gd[:n], gq, *same_query))
+        if "doc_to_doc" in self.directions:  # never the row's own documents (its positive and hard negatives)
+            own = union_pairs((rows.repeat(width // n), torch.arange(width, device=q.device)), same_doc[0], cols=width)
+            terms.append(Term("doc_to_doc", d[:n], d, gd[:n], gd, own, same_doc[1]))
+        return terms, None
 
     def summarize(self, sums: dict[str, float], n: int) -> dict[str, float]:
         """Metrics of the global batch from the sums over every rank's rows.
@@ -186,69 +237,3 @@ class InfoNCE:
                 "positive_similarity": sums["positive_similarity"] / n,
                 "hardest_negative_similarity": sums["hardest_negative_similarity"] / with_negative
                 if with_negative else math.nan}
-
-    def candidates_per_row(self, n: int, docs: int) -> int:
-        """Columns of one row's logits (sets the tile height)."""
-        return docs * (1 + ("doc_to_doc" in self.directions)) + n * (
-            ("query_to_query" in self.directions) + ("doc_to_query" in self.directions)
-        )
-
-    def duplicates(self, col_hash: torch.Tensor, row_hash: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """[rows, cols] True where a candidate other than column idx has the row's text."""
-        if not self.mask_duplicates:
-            return torch.zeros((len(idx), len(col_hash)), dtype=torch.bool, device=col_hash.device)
-        col = torch.arange(len(col_hash), device=col_hash.device)
-        return (col_hash[None, :] == row_hash[:, None]) & (col[None, :] != idx[:, None])
-
-    def log_partition(self, terms: list[torch.Tensor]) -> torch.Tensor:
-        if self.partition == "joint":
-            return torch.logsumexp(torch.cat(terms, dim=1), dim=1)
-        return torch.stack([torch.logsumexp(t, dim=1) for t in terms]).mean(0)
-
-    def _rows(
-        self, cols: GlobalColumns, idx: torch.Tensor, scale: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Per-row losses of the global rows ``idx`` (one tile), and the tile's metric sums."""
-        n, queries, docs = cols.n, cols.queries, cols.docs
-        q, p = queries[idx], docs[idx]
-        dup_docs = self.duplicates(cols.doc_hash, cols.doc_hash[idx], idx)
-        dup_queries = self.duplicates(cols.query_hash, cols.query_hash[idx], idx)
-        query_to_doc = (scale * q @ docs.T).masked_fill(dup_docs, -torch.inf)
-        terms = [query_to_doc]
-        if "query_to_query" in self.directions:
-            own = torch.arange(n, device=docs.device)[None, :] == idx[:, None]
-            terms.append((scale * q @ queries.T).masked_fill(own | dup_queries, -torch.inf))
-        if "doc_to_query" in self.directions:
-            terms.append((scale * p @ queries.T).masked_fill(dup_queries, -torch.inf))
-        if "doc_to_doc" in self.directions:
-            own = (torch.arange(docs.shape[0], device=docs.device)[None, :] % n) == idx[:, None]
-            terms.append((scale * p @ docs.T).masked_fill(own | dup_docs, -torch.inf))
-        positive = query_to_doc[torch.arange(len(idx), device=docs.device), idx]
-        sums = {"masked_duplicates": dup_docs.sum(), **negative_sums(terms, idx, scale)}
-        return self.log_partition(terms) - positive, sums
-
-
-@torch.no_grad()
-def negative_sums(terms: list[torch.Tensor], idx: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
-    """What a tile's rows see of their negatives, as sums over the rows (for the ``negatives/`` metrics).
-
-    ``terms`` are the row's scaled logits, masked candidates at -inf, the first
-    being anchor-to-document with the positive at column ``idx``. Returns top-1
-    ``correct``, the unmasked ``candidates`` besides the positive, and the
-    unscaled similarity of the positive and of the hardest (most similar)
-    unmasked document negative, with the count of rows that have one.
-    """
-    rows = torch.arange(len(idx), device=idx.device)
-    query_to_doc = terms[0]
-    top = query_to_doc.topk(min(2, query_to_doc.shape[1]), dim=1)
-    # the best candidate other than the positive: the first of the top two that is not the positive
-    hardest = torch.where(top.indices[:, 0] == idx, top.values[:, -1], top.values[:, 0])
-    hardest = torch.where(top.indices[:, -1] == top.indices[:, 0], -torch.inf, hardest)  # one column: no negative
-    has_negative = torch.isfinite(hardest)
-    return {
-        "correct": (query_to_doc.argmax(dim=1) == idx).sum(),
-        "candidates": sum(torch.isfinite(t).sum() for t in terms) - len(idx),
-        "positive_similarity": (query_to_doc[rows, idx] / scale).sum(),
-        "hardest_negative_similarity": (hardest[has_negative] / scale).sum(),
-        "rows_with_negatives": has_negative.sum(),
-    }

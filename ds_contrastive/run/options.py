@@ -71,6 +71,8 @@ class LossOptions:
     similarity: str = option("cosine", "cosine or dot")
     mask_duplicates: bool = option(True, "a candidate whose text equals the row's positive (or anchor) is no "
                                               "negative")
+    loss_precision: str = option("fp32", "the loss's matrix products: fp32, tf32 (CUDA's) or bf16 (inputs rounded, "
+                                         "fp32 accumulation and log-sum-exp; each logit within scale x 2^-8 of fp32's)")
     guide: str | None = option(None, "guided (GIST) loss: a frozen guide SentenceTransformer (path or builtin), or "
                                      "'self': the model's own embeddings of the step, no second model")
     margin_strategy: str = option("absolute", "guided: 'absolute' or 'relative'")

@@ -240,7 +240,8 @@ def build_loss(cfg: LossOptions) -> InfoNCE | Matryoshka:
     """
     common = {"temperature": cfg.temperature, "learnable_temperature": cfg.learnable_temperature,
               "min_temperature": cfg.min_temperature, "directions": tuple(cfg.directions), "partition": cfg.partition,
-              "similarity": cfg.similarity, "mask_duplicates": cfg.mask_duplicates}
+              "similarity": cfg.similarity, "mask_duplicates": cfg.mask_duplicates,
+              "precision": cfg.loss_precision}
     if cfg.guide is None:
         loss = InfoNCE(**common)
     else:
