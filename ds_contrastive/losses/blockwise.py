@@ -114,7 +114,7 @@ def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a @ b
     try:
         return torch.mm(a, b, out_dtype=torch.float32)
-    except (TypeError, RuntimeError, NotImplementedError):  # an older torch: the rounded inputs in fp32
+    except (TypeError, RuntimeError):  # a torch without mm(out_dtype=): the rounded inputs, in fp32
         return a.float() @ b.float()
 
 
