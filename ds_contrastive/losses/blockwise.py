@@ -161,16 +161,21 @@ class Tile:
     def __init__(self, start: int, stop: int, device: torch.device) -> None:
         self.span = slice(start, stop)
         idx = torch.arange(start, stop, device=device)
-        self.idx, self.local = idx, torch.arange(len(idx), device=idx.device)
+        self.idx = idx
         self.positive = torch.empty(len(idx), device=idx.device)
         self.hardest = torch.full((len(idx),), -torch.inf, device=idx.device)
         self.hardest_col = torch.zeros(len(idx), dtype=torch.long, device=idx.device)
         self.lse: list[torch.Tensor] = []
         self.pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def inside(self, c0: int, c1: int) -> tuple[int, int]:
+        """The global rows lo..hi of this tile whose positive is among candidates c0..c1 (on the host: no sync)."""
+        lo = max(self.span.start, c0)
+        return lo, max(lo, min(self.span.stop, c1))
+
     def positive_at(self, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tile row, block column) of the positives inside candidates c0..c1 (found on the host: no sync)."""
-        lo, hi = max(self.span.start, c0), max(min(self.span.stop, c1), max(self.span.start, c0))
+        """(tile row, block column) of the positives inside candidates c0..c1."""
+        lo, hi = self.inside(c0, c1)
         device = self.idx.device
         return (torch.arange(lo - self.span.start, hi - self.span.start, device=device),
                 torch.arange(lo - c0, hi - c0, device=device))
@@ -185,12 +190,11 @@ class Tile:
         better = value > self.hardest
         self.hardest = torch.where(better, value, self.hardest)
         self.hardest_col = torch.where(better, col + c0, self.hardest_col)
-        return torch.where(self.positive_in(at[0], len(logits)), torch.maximum(value, self.positive), value)
-
-    def positive_in(self, rows: torch.Tensor, count: int) -> torch.Tensor:
-        mask = torch.zeros(count, dtype=torch.bool, device=rows.device)
-        mask[rows] = True
-        return mask
+        lo, hi = self.inside(c0, c0 + logits.shape[1])
+        rows = slice(lo - self.span.start, hi - self.span.start)
+        top = value.clone()
+        top[rows] = torch.maximum(value[rows], self.positive[rows])
+        return top
 
 
 class Core:
