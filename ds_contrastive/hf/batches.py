@@ -25,6 +25,8 @@ import torch
 from sentence_transformers.base.sampler import MultiDatasetDefaultBatchSampler
 from torch.utils.data import BatchSampler, ConcatDataset, DataLoader
 
+from ..data.files import rank_slice
+
 
 class AtLeastRows:
     """One dataset's batch sampler without the batches that have fewer rows than there are ranks.
@@ -53,7 +55,7 @@ class AtLeastRows:
 
 
 class RankShare:
-    """This rank's contiguous share of each global batch (sizes differ by at most one row).
+    """This rank's contiguous share of each global batch, as ``launch/train.py`` cuts it (:func:`rank_slice`).
 
     ``generator`` (the samplers' shared one) is seeded with ``seed + epoch``
     when an epoch starts, so an epoch's order depends on nothing else (not on
@@ -69,8 +71,7 @@ class RankShare:
     def __iter__(self) -> Iterator[list[int]]:
         self.generator.manual_seed(self.seed + self.epoch)
         for batch in self.batch_sampler:
-            rows = len(batch)
-            yield list(batch[self.rank * rows // self.ranks:(self.rank + 1) * rows // self.ranks])
+            yield list(rank_slice(batch, self.rank, self.ranks))
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
